@@ -24,3 +24,50 @@ def golden_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def golden() -> Path:
     return golden_path()
+
+
+# Exported artifacts shared by the test sessions of `make test`: the torch environment exports
+# them once, the torch-free runtime environment reuses them. A fingerprint of the exporter's
+# sources guards against reusing an artifact written by older code.
+ARTIFACTS = Path(os.environ.get("MOLMO_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
+
+
+def _exporter_fingerprint() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for root in ("molmo_export", "runtime/molmo_runtime"):
+        for f in sorted((REPO / root).rglob("*.py")):
+            h.update(f.relative_to(REPO).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def exported_artifact(name: str, model: str | Path, **kwargs: object) -> Path:
+    """Export `model` once into ARTIFACTS/name (target onnx, no verification) and reuse it."""
+    out = ARTIFACTS / name
+    stamp = out / ".test-fingerprint"
+    fingerprint = _exporter_fingerprint()
+    if (out / "manifest.json").exists() and stamp.exists() and stamp.read_text() == fingerprint:
+        return out
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pytest.skip(f"artifact {name} is not exported yet and torch is absent here: run the "
+                    "torch test session first (make test-main)")
+    from molmo_export.export import export_artifact
+
+    export_artifact(model, "onnx", out, force=True, verify=False, progress=False,
+                    log=lambda s: None, **kwargs)
+    stamp.write_text(fingerprint)
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_artifact() -> Path:
+    return exported_artifact("golden-model", golden_path("model"), max_seq_len=1024)
+
+
+@pytest.fixture(scope="session")
+def demo_artifact() -> Path:
+    return exported_artifact("demo", "demo", max_seq_len=2048)

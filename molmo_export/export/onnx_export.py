@@ -1,0 +1,142 @@
+"""Checkpoint -> fp32 ONNX artifact (three graphs, embeddings, tokenizer, processor, manifest)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from molmo_export import __version__
+from molmo_export.config import RANDOM_WEIGHT_PRESETS, MolmoConfig
+from molmo_export.export import export_environment, utc_now
+from molmo_export.export.artifact_dir import ArtifactWriter
+from molmo_export.export.graphs import ConnectorGraph, DecoderGraph, VisionEncoderGraph
+from molmo_export.export.onnx_graph import DEFAULT_OPSET, export_graph
+from molmo_export.model import MolmoForConditionalGeneration
+from molmo_runtime.errors import MolmoError
+from molmo_runtime.fileio import atomic_path
+from molmo_runtime.graph_io import (
+    CONNECTOR,
+    DECODER,
+    VISION_ENCODER,
+    GraphDims,
+    all_graph_specs,
+)
+
+EMBED_FILE = "embed_tokens.npy"
+
+
+def resolve_checkpoint(model: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory, or a built-in preset materialised as one."""
+    if str(model) in RANDOM_WEIGHT_PRESETS:
+        from molmo_export.demo import materialize_preset
+
+        return materialize_preset(str(model))
+    path = Path(model)
+    if not path.is_dir():
+        raise MolmoError(f"--model {model}: no such directory; pass a Molmo checkpoint folder "
+                         f"(config.json + *.safetensors) or one of: "
+                         f"{', '.join(RANDOM_WEIGHT_PRESETS)}")
+    return path
+
+
+def graph_dims(config: MolmoConfig, max_crops: int, max_seq_len: int) -> GraphDims:
+    v, t = config.vision, config.text
+    pooled = (v.grid_size // config.pooling.pool_h) * (v.grid_size // config.pooling.pool_w)
+    return GraphDims(patches_per_crop=v.num_patches, patch_dim=v.patch_dim,
+                     vision_feature_dim=v.feature_dim, tokens_per_crop=pooled,
+                     d_model=t.hidden_size, num_layers=t.num_layers,
+                     num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
+                     vocab_rows=t.embedding_size, max_crops=max_crops, max_seq_len=max_seq_len)
+
+
+def write_embeddings(model: MolmoForConditionalGeneration, path: Path) -> None:
+    table = model.language_model.model.embed_tokens
+    weight = table.weight if hasattr(table, "weight") else table
+    arr = weight.detach().to(torch.float32).cpu().numpy()  # [rows, D], a view, no copy
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
+def write_processor_files(checkpoint: Path, staging: Path, max_crops: int,
+                          log: Callable[[str], None]) -> bool:
+    """tokenizer/ + processor.json. Returns False when the checkpoint has no tokenizer."""
+    from molmo_runtime.image_processing import MolmoImageProcessor
+    from molmo_runtime.processing import MolmoProcessor
+
+    try:
+        processor = MolmoProcessor.from_pretrained(checkpoint, max_crops=max_crops)
+    except FileNotFoundError:
+        log(f"note: {checkpoint} has no tokenizer files; the artifact runs from token ids "
+            "only (generate_from_inputs), not from prompts")
+        MolmoImageProcessor(max_crops=max_crops).save_to_artifact(staging)
+        return False
+    processor.save_to_artifact(staging)
+    return True
+
+
+def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                         target: str = "onnx", max_crops: int = 12,
+                         max_seq_len: int | None = None, opset: int | None = None,
+                         force: bool = False, verify: bool = True, progress: bool = True,
+                         log: Callable[[str], None] = print) -> Path:
+    from tqdm.auto import tqdm
+
+    if not 1 <= max_crops <= 12:
+        raise MolmoError(f"--max-crops {max_crops}: Molmo tiles an image into 1..12 crops")
+    checkpoint = resolve_checkpoint(model)
+    writer = ArtifactWriter(out, force=force)
+    steps = tqdm(total=6, desc="molmo-export", unit="step", disable=not progress)
+    try:
+        steps.set_postfix_str("loading checkpoint")
+        ref = MolmoForConditionalGeneration.from_pretrained(checkpoint).eval()
+        config = ref.config
+        max_seq_len = max_seq_len or config.text.max_position_embeddings
+        if max_seq_len > config.text.max_position_embeddings:
+            raise MolmoError(f"--max-seq-len {max_seq_len} exceeds the model's "
+                             f"{config.text.max_position_embeddings} positions")
+        dims = graph_dims(config, max_crops, max_seq_len)
+        specs = all_graph_specs(dims)
+        steps.update()
+        adapters = {VISION_ENCODER: VisionEncoderGraph(ref), CONNECTOR: ConnectorGraph(ref),
+                    DECODER: DecoderGraph(ref)}
+        for name, adapter in adapters.items():
+            steps.set_postfix_str(f"exporting {name}")
+            export_graph(adapter, specs[name], writer.path(specs[name].file),
+                         opset or DEFAULT_OPSET)
+            steps.update()
+        steps.set_postfix_str("embeddings, tokenizer")
+        write_embeddings(ref, writer.path(EMBED_FILE))
+        has_tokenizer = write_processor_files(checkpoint, writer.staging, max_crops, log)
+        steps.update()
+        manifest: dict[str, Any] = {
+            "exporter_version": __version__,
+            "created_utc": utc_now(),
+            "model": {"name": config.name, "source": str(model), "config": config.to_dict()},
+            "target": target,
+            "precision": {name: "fp32" for name in specs},
+            "opset": opset or DEFAULT_OPSET,
+            "dims": dims.to_dict(),
+            "graphs": {name: spec.to_dict() for name, spec in specs.items()},
+            "special_tokens": dict(vars(config.tokens)),
+            "max_crops": max_crops,
+            "max_seq_len": max_seq_len,
+            "has_tokenizer": has_tokenizer,
+            "environment": export_environment(),
+        }
+        writer.commit(manifest)
+        steps.update()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        steps.close()
+    if verify:
+        from molmo_export.verify import verify_artifact
+
+        verify_artifact(out, ref, log=log)
+    return Path(out)

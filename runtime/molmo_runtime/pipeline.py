@@ -1,0 +1,273 @@
+"""MolmoPipeline: image + prompt -> answer, points and timings, from an artifact directory.
+
+    processor (numpy) ─► vision ─► connector ─► embeddings + image tokens (numpy)
+      ─► decoder prefill ─► [sampler ─► decoder step]* ─► text, points
+
+One generation loop (`_token_steps`) serves generate, stream and generate_from_inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from molmo_runtime.backends.base import Backend
+from molmo_runtime.embedding import EmbeddingTable, add_image_tokens
+from molmo_runtime.errors import InputError, MolmoError
+from molmo_runtime.manifest import Manifest, VerifyMode, load_manifest
+from molmo_runtime.sampling import Sampler, SamplingParams
+
+BackendName = Literal["auto", "ort", "trt"]
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage; `decode_ms` holds one entry per generated token after the first."""
+
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    connector_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.preprocess_ms + self.vision_ms + self.connector_ms + self.prefill_ms
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total = sum(self.decode_ms)
+        return 1000.0 * len(self.decode_ms) / total if total > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preprocess_ms": self.preprocess_ms, "vision_ms": self.vision_ms,
+                "connector_ms": self.connector_ms, "prefill_ms": self.prefill_ms,
+                "ttft_ms": self.ttft_ms, "decode_tokens": len(self.decode_ms),
+                "decode_tokens_per_s": self.decode_tokens_per_s,
+                "prompt_tokens": self.prompt_tokens}
+
+    def summary(self) -> str:
+        return (f"preprocess {self.preprocess_ms:.1f} ms | vision {self.vision_ms:.1f} ms | "
+                f"connector {self.connector_ms:.1f} ms | prefill {self.prefill_ms:.1f} ms "
+                f"({self.prompt_tokens} tokens) | TTFT {self.ttft_ms:.1f} ms | decode "
+                f"{self.decode_tokens_per_s:.1f} tok/s ({len(self.decode_ms)} tokens)")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    points: list[Any]
+    timings: Timings
+    finish_reason: str  # "eos", "stop", "length"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        ms, self.t = (now - self.t) * 1000.0, now
+        return ms
+
+
+def _open_backend(manifest: Manifest, backend: BackendName, providers: list[str] | None,
+                  threads: int | None) -> Backend:
+    if backend == "auto":
+        backend = "trt" if manifest.raw.get("engines") else "ort"
+    if backend == "trt":
+        from molmo_runtime.backends.trt import TrtBackend
+
+        return TrtBackend(manifest)
+    if backend == "ort":
+        from molmo_runtime.backends.ort import OrtBackend
+
+        return OrtBackend(manifest, providers=providers, threads=threads)
+    raise InputError(f"backend must be 'auto', 'ort' or 'trt', got {backend!r}")
+
+
+class MolmoPipeline:
+    def __init__(self, manifest: Manifest, backend: Backend, processor: Any | None) -> None:
+        self.manifest = manifest
+        self.backend = backend
+        self.processor = processor
+        self.embeddings = EmbeddingTable(manifest.path("embed_tokens.npy"))
+        self.eos_id = int(manifest.special_tokens["eos"])
+
+    @classmethod
+    def from_dir(cls, artifact_dir: str | os.PathLike[str], backend: BackendName = "auto",
+                 providers: list[str] | None = None, threads: int | None = None,
+                 verify: VerifyMode = "full") -> MolmoPipeline:
+        """Open an artifact. `verify` checks file hashes first ("size" is faster, "none" skips)."""
+        manifest = load_manifest(artifact_dir, verify=verify)
+        processor = None
+        if manifest.raw.get("has_tokenizer", True):
+            from molmo_runtime.processing import MolmoProcessor
+
+            processor = MolmoProcessor.from_pretrained(Path(artifact_dir))
+        return cls(manifest, _open_backend(manifest, backend, providers, threads), processor)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 200,
+                 temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, stop: list[str] | tuple[str, ...] = (),
+                 seed: int | None = None) -> GenerationResult:
+        pieces = self.stream(image, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed)
+        for _ in pieces:
+            pass
+        return self.last_result
+
+    def stream(self, image: Any, prompt: str, max_new_tokens: int = 200,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               stop: list[str] | tuple[str, ...] = (), seed: int | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is decoded; `last_result` holds the full result."""
+        if self.processor is None:
+            raise MolmoError(f"{self.manifest.directory} has no tokenizer: use "
+                             "generate_from_inputs with token ids")
+        timings = Timings()
+        clock = _Clock()
+        width = height = None
+        if image is not None:
+            from molmo_runtime.image_io import load_image
+
+            pixels = load_image(image)  # [H, W, 3] uint8
+            height, width = pixels.shape[:2]
+            inputs = self.processor(images=pixels, text=prompt)
+        else:
+            inputs = self.processor(text=prompt)
+        timings.preprocess_ms = clock.lap()
+        batch = {k: v[None] for k, v in inputs.items()}  # add the batch axis
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        ids: list[int] = []
+        text, finish = "", "length"
+        for step in self._token_steps(batch, max_new_tokens, sampler, timings):
+            token = int(step[0])
+            if token == self.eos_id:
+                finish = "eos"
+                break
+            ids.append(token)
+            new_text = self.processor.decode(ids)
+            cut = _find_stop(new_text, stop)
+            if cut is not None:
+                new_text, finish = new_text[:cut], "stop"
+            if new_text.endswith("\ufffd") and finish != "stop":
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            if len(new_text) > len(text) and new_text.startswith(text):
+                yield new_text[len(text):]
+            text = new_text
+            if finish == "stop":
+                break
+        points: list[Any] = []
+        if width is not None and height is not None:
+            from molmo_runtime.points import parse_points
+
+            points = parse_points(text, width, height)
+        self.last_result = GenerationResult(text, ids, points, timings, finish)
+
+    def generate_from_inputs(self, input_ids: np.ndarray, images: np.ndarray | None = None,
+                             image_masks: np.ndarray | None = None,
+                             image_input_idx: np.ndarray | None = None,
+                             max_new_tokens: int = 20, temperature: float = 0.0,
+                             top_k: int | None = None, top_p: float | None = None,
+                             seed: int | None = None, stop_at_eos: bool = True) -> np.ndarray:
+        """Arrays already preprocessed, with a batch axis (right-padded with -1 as the official
+        processor batches them) -> generated ids [B, N]. Rows that end early are filled with EOS;
+        N < max_new_tokens when every row has ended."""
+        batch = {"input_ids": np.asarray(input_ids)}
+        if images is not None:
+            batch.update(images=images, image_masks=image_masks, image_input_idx=image_input_idx)
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        steps: list[np.ndarray] = []
+        done = np.zeros(batch["input_ids"].shape[0], bool)
+        for step in self._token_steps(batch, max_new_tokens, sampler, Timings()):
+            step = np.where(done, self.eos_id, step)
+            steps.append(step)
+            if stop_at_eos:
+                done |= step == self.eos_id
+                if done.all():
+                    break
+        return np.stack(steps, 1) if steps else np.zeros((len(done), 0), np.int64)
+
+    # -- the generation loop ------------------------------------------------------------------
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        limit = self.manifest.max_seq_len
+        if prompt_len + max_new_tokens > limit:
+            raise InputError(
+                f"prompt of {prompt_len} tokens (image tokens included) + max_new_tokens "
+                f"{max_new_tokens} exceeds this artifact's max_seq_len {limit}: lower "
+                "max_new_tokens, shorten the prompt, use fewer crops (--max-crops at export), "
+                "or re-export with a larger --max-seq-len")
+
+    def _prefill_inputs(self, batch: dict[str, np.ndarray], timings: Timings,
+                        clock: _Clock) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Left-align the rows, embed, add image tokens -> (embeds, mask, positions)."""
+        ids = np.asarray(batch["input_ids"], np.int64)  # [B, L], -1 = padding at the end
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        valid = ids != -1
+        lengths = valid.sum(1)
+        batch_size, seq = ids.shape
+        if (lengths == 0).any() or (valid != (np.arange(seq)[None] < lengths[:, None])).any():
+            raise InputError("each row of input_ids needs tokens first and -1 padding only "
+                             "at the end")
+        shift = seq - lengths  # left padding per row, so every row ends at the last position
+        cols = (np.arange(seq)[None, :] - shift[:, None]) % seq
+        left = np.take_along_axis(ids, cols, 1)
+        mask = (left != -1).astype(np.int64)
+        embeds = self.embeddings(left)  # [B, L, D]
+        if batch.get("images") is not None:
+            images = np.asarray(batch["images"], np.float32)  # [B, C, 576, 588]
+            crops = images.shape[1]
+            features = self.backend.vision(images.reshape(-1, *images.shape[2:]))
+            timings.vision_ms = clock.lap()
+            masks = np.asarray(batch["image_masks"], np.float32).reshape(batch_size * crops, -1)
+            tokens = self.backend.connector(features, masks)  # [B*C, 144, D]
+            timings.connector_ms = clock.lap()
+            idx = np.asarray(batch["image_input_idx"]).reshape(batch_size, crops, -1)
+            idx = np.where(idx >= 0, idx + shift[:, None, None], -1)
+            add_image_tokens(embeds, tokens.reshape(batch_size, crops, *tokens.shape[1:]), idx)
+        positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        return embeds, mask, positions
+
+    def _token_steps(self, batch: dict[str, np.ndarray], max_new_tokens: int,
+                     sampler: Sampler, timings: Timings) -> Iterator[np.ndarray]:
+        """Yield the next token of every row ([B] int64), max_new_tokens times at most."""
+        ids = np.asarray(batch["input_ids"])
+        self._check_length(ids.shape[-1], max_new_tokens)
+        clock = _Clock()
+        embeds, mask, positions = self._prefill_inputs(batch, timings, clock)
+        batch_size, seq = mask.shape
+        timings.prompt_tokens = seq
+        # Preallocated mask for the whole generation: decode slices it, never regrows it.
+        full_mask = np.ones((batch_size, seq + max_new_tokens), np.int64)
+        full_mask[:, :seq] = mask
+        self.backend.start(batch_size)
+        logits = self.backend.decode(embeds, mask, positions)
+        timings.prefill_ms = clock.lap()
+        next_pos = positions[:, -1:] + 1  # [B, 1]
+        for i in range(max_new_tokens):
+            token = sampler(logits)
+            yield token
+            if i + 1 == max_new_tokens:
+                break
+            clock.lap()
+            step_embeds = self.embeddings(token[:, None])  # [B, 1, D]
+            total = seq + i + 1
+            logits = self.backend.decode(step_embeds, full_mask[:, :total], next_pos)
+            next_pos = next_pos + 1
+            timings.decode_ms.append(clock.lap())
+
+
+def _find_stop(text: str, stop: list[str] | tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
