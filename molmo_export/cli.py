@@ -86,3 +86,7 @@ def main_verify(argv: list[str] | None = None) -> int:
         print(f"molmo-verify: error: {e}", file=sys.stderr)
         return 1
     return 0
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main_export())

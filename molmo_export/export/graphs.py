@@ -44,6 +44,8 @@ class DecoderGraph(nn.Module):
     [B, kv_heads, seq, head_dim].
     """
 
+    varargs_from = 3  # inputs after position_ids arrive as *past
+
     def __init__(self, model: MolmoForConditionalGeneration) -> None:
         super().__init__()
         self.lm = model.language_model

@@ -7,6 +7,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,7 +40,9 @@ def example_input(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=_TORCH_DTYPES[spec.dtype])
 
 
-def dynamic_shapes_for(spec: GraphSpec) -> tuple[dict[int, Dim], ...]:
+def dynamic_shapes_for(spec: GraphSpec, varargs_from: int | None = None) -> tuple[Any, ...]:
+    """Named dims -> torch.export Dims, one dict per input; inputs from `varargs_from` on are
+    grouped into one nested tuple (they reach the module's forward as *args)."""
     dims: dict[str, Dim] = {}
     out = []
     for t in spec.inputs:
@@ -51,6 +54,8 @@ def dynamic_shapes_for(spec: GraphSpec) -> tuple[dict[int, Dim], ...]:
                     dims[d] = Dim(d, min=lo, max=hi)
                 axes[axis] = dims[d]
         out.append(axes)
+    if varargs_from is not None:
+        return (*out[:varargs_from], tuple(out[varargs_from:]))
     return tuple(out)
 
 
@@ -72,7 +77,8 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path,
                 module, args, dynamo=True, opset_version=opset,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=dynamic_shapes_for(spec), optimize=True, verbose=False)
+                dynamic_shapes=dynamic_shapes_for(spec, getattr(module, "varargs_from", None)),
+                optimize=True, verbose=False)
     except Exception as e:  # the exporter's own errors are long; keep its log for the user
         raise MolmoError(f"ONNX export of {spec.name} failed: {e}\n{log.getvalue()[-4000:]}") from e
     assert program is not None

@@ -9,10 +9,11 @@ the class token is dropped and crops made only of -1 (batch padding) are zeroed.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from molmo_export.config import MolmoConfig, MolmoVisionConfig
-from molmo_export.model.layers import attend, merge_heads, split_heads
+from molmo_export.model.layers import merge_heads, split_heads
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -20,7 +21,13 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head attention with biased wq/wk/wv/wo (also used by the pooling)."""
+    """Bidirectional multi-head attention with biased wq/wk/wv/wo (also used by the pooling).
+
+    Uses F.scaled_dot_product_attention in float32, as the official code does: with no mask and
+    equal q/kv heads it exports as plain MatMul/Softmax (both torch.onnx exporters, opset 18),
+    and on CPU it runs the same kernel as the official code, so vision features and connector
+    output match the golden data bit for bit (plain matmul/softmax differs by a few ulp).
+    """
 
     def __init__(self, in_dim: int, num_heads: int, head_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -35,7 +42,9 @@ class VisionAttention(nn.Module):
         q = split_heads(self.wq(x_q), self.num_heads)  # [N, H, Tq, hd]
         k = split_heads(self.wk(x_kv), self.num_heads)  # [N, H, Tk, hd]
         v = split_heads(self.wv(x_kv), self.num_heads)
-        return self.wo(merge_heads(attend(q, k, v)))  # [N, Tq, out]
+        out = F.scaled_dot_product_attention(q.float().contiguous(), k.float().contiguous(),
+                                             v.float().contiguous())  # [N, H, Tq, hd]
+        return self.wo(merge_heads(out.to(x_q.dtype)))  # [N, Tq, out]
 
 
 class VisionMLP(nn.Module):
@@ -97,7 +106,7 @@ class MolmoVisionModel(nn.Module):
         for block in self.blocks[: self.cfg.blocks_to_run]:
             x = block(x)
             outputs.append(x)
-        features = torch.cat([outputs[i] for i in self.cfg.vit_layers], dim=-1)  # [N, 577, F]
+        features = torch.cat([outputs[i] for i in self.cfg.selected_blocks], dim=-1)  # [N, 577, F]
         features = features[:, 1:]  # drop the class token -> [N, 576, F]
         # Batch-padding crops (every pixel -1) get zero features (official encode_image).
         is_real = ~torch.all(torch.all(images == -1, dim=2), dim=1)  # [N]

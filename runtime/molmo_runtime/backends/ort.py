@@ -74,8 +74,6 @@ class OrtBackend(Backend):
             self._binding = self._sessions[DECODER].io_binding()
             for name, arr in zip(self._past_names, self._cache):
                 self._binding.bind_cpu_input(name, arr)  # shares the array's memory
-            for name in self._output_names:
-                self._binding.bind_output(name)
         self._length = 0
 
     @property
@@ -95,6 +93,9 @@ class OrtBackend(Backend):
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        b.clear_binding_outputs()  # outputs change shape with seq: let ORT allocate them
+        for name in self._output_names:
+            b.bind_output(name)
         self._sessions[DECODER].run_with_iobinding(b)
         outputs = b.get_outputs()
         for cache, new in zip(self._cache, outputs[1:]):

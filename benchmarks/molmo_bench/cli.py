@@ -1,0 +1,212 @@
+"""`molmo-bench ARTIFACT`: time to first token by stage, decode speed and latency percentiles,
+decode step latency against the context, peak memory and the memory-bandwidth bound, optionally
+against the PyTorch reference on the same weights and inputs.
+
+    open pipeline ─► warm-ups ─► N timed generations ─► decode steps per context ─► peak RSS
+      ─► close ─► bandwidth probe ─► [--compare-torch: same in a torch child process]
+      ─► JSON + markdown + PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from molmo_runtime.errors import InputError, MolmoError
+
+
+def _contexts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. "
+                                         "64,256,1024") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: context lengths must be positive")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="molmo-bench",
+        description="Benchmark an artifact written by molmo-export: TTFT split into "
+                    "preprocess / vision encoder / connector / prefill, decode tokens/s and "
+                    "per-token p50/p90/p99, decode step latency per context length, peak "
+                    "memory, and decode as a fraction of this machine's memory bandwidth.")
+    p.add_argument("artifact", metavar="OUT", help="artifact directory (molmo-export --out)")
+    p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto",
+                   help="runtime backend (default: trt if the artifact has engines, else ort)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", default=None,
+                     help="real image through the processor (preprocessing is timed)")
+    src.add_argument("--synthetic", action="store_true",
+                     help="random pixels and prompt ids in the processor's layout (default)")
+    p.add_argument("--prompt", default="Describe this image.", help="prompt text with --image")
+    p.add_argument("--crops", type=int, default=None,
+                   help="crops of the synthetic image, incl. the low-res overview (default 5)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="text tokens after the synthetic image tokens (default 32)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="tokens generated per run (greedy, EOS does not stop it; default 64)")
+    p.add_argument("--runs", type=int, default=3, help="timed generations (default 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed generations first (default 1)")
+    p.add_argument("--contexts", type=_contexts, default=(64, 256, 1024),
+                   help="context lengths for decode step latency (default 64,256,1024)")
+    p.add_argument("--context-steps", type=int, default=16,
+                   help="timed decode steps per context length (default 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for ORT and torch (default: physical cores)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also run the PyTorch reference (fp32, same weights and inputs) and "
+                        "report speedups; needs the export extra")
+    p.add_argument("--torch-model", default=None,
+                   help="checkpoint for --compare-torch (default: the source recorded in the "
+                        "artifact's manifest)")
+    p.add_argument("--bandwidth-mb", type=int, default=1024,
+                   help="array size of the memory-bandwidth probe (default 1024 MiB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="write the markdown table (it is always printed)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="write a PNG: TTFT stage bars, decode latency vs context")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    from molmo_bench.bandwidth import decoder_weight_bytes, measure_read_bandwidth
+    from molmo_bench.inputs import image_inputs, synthetic_inputs
+    from molmo_bench.machine import load_average, machine_info, physical_cores
+    from molmo_bench.measure import BenchSettings, bench_stack
+    from molmo_bench.report import speedups, with_bandwidth
+    from molmo_runtime.graph_io import DECODER
+    from molmo_runtime.pipeline import MolmoPipeline
+
+    def log(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    if args.image is not None and (args.crops is not None or args.prompt_tokens is not None):
+        raise InputError("--crops and --prompt-tokens shape the --synthetic inputs; with --image "
+                         "the processor decides them (export with --max-crops to cap the crops)")
+    threads = args.threads or physical_cores()
+    machine = machine_info()
+    machine["load_average_start"] = load_average()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    log(f"opening {args.artifact} ({args.backend} backend, {threads} threads)")
+    start = time.perf_counter()
+    pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend, threads=threads,
+                                  verify="size")
+    load_s = time.perf_counter() - start
+    manifest = pipe.manifest
+    if args.image is not None:
+        inputs = image_inputs(args.image, args.prompt)
+        sequence_tokens = None
+    else:
+        inputs = synthetic_inputs(manifest, args.crops or 5, args.prompt_tokens or 32, args.seed)
+        assert inputs.arrays is not None
+        sequence_tokens = int(inputs.arrays["input_ids"].shape[0])
+    settings = BenchSettings(new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup,
+                             contexts=args.contexts, context_steps=args.context_steps,
+                             seed=args.seed)
+    settings.check(manifest.max_seq_len, sequence_tokens)
+
+    log(f"{pipe.backend.name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
+        f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}")
+    runtime = bench_stack(pipe, inputs, settings, log=log)
+    backend_name = pipe.backend.name
+    decoder_file = manifest.graphs[DECODER].file
+    pipe.backend.close()
+    del pipe  # free the sessions (and their spinning threads) before the bandwidth probe
+    gc.collect()
+
+    log(f"memory bandwidth probe ({args.bandwidth_mb} MiB)")
+    bandwidth = measure_read_bandwidth(threads, args.bandwidth_mb)
+    weight_bytes, weight_method = decoder_weight_bytes(manifest.directory, decoder_file)
+    runtime = with_bandwidth(runtime, weight_bytes, bandwidth.read_gb_per_s)
+
+    torch_result = None
+    if args.compare_torch:
+        from molmo_bench.torch_ref import run_in_subprocess
+
+        log("PyTorch reference (child process)")
+        torch_result = run_in_subprocess(args.artifact, args.torch_model, inputs, settings,
+                                         threads)
+        torch_result = with_bandwidth(torch_result, torch_result["weight_bytes"],
+                                      bandwidth.read_gb_per_s)
+    machine["load_average_end"] = load_average()
+
+    report: dict[str, Any] = {
+        "tool": {"name": "molmo-bench", "version": machine["libraries"].get("molmo-export")},
+        "date_utc": date,
+        "command": "molmo-bench " + shlex.join(argv),
+        "artifact": {"path": str(Path(args.artifact).resolve()),
+                     "model": manifest.raw["model"]["name"], "target": manifest.target,
+                     "precision": manifest.raw.get("precision"),
+                     "max_seq_len": manifest.max_seq_len, "max_crops": manifest.max_crops},
+        "backend": backend_name,
+        "threads": threads,
+        "open_s": load_s,
+        "inputs": inputs.describe(),
+        "settings": {"new_tokens": settings.new_tokens, "runs": settings.runs,
+                     "warmup": settings.warmup, "contexts": list(settings.contexts),
+                     "context_steps": settings.context_steps, "seed": settings.seed},
+        "machine": machine,
+        **runtime,
+        "weight_bytes_method": weight_method + "; the embedding gather (one row per token) and "
+                                               "the KV cache reads are not counted",
+        "bandwidth": bandwidth.to_dict(),
+        "notes": [
+            "ttft_ms stages are the pipeline's own Timings (vision includes the token-embedding "
+            "gather, prefill includes adding the image tokens); total is wall clock from the "
+            "start of preprocessing to the first token out of the generation loop",
+            "decode per-token latency is the wall time between consecutive tokens (embedding "
+            "gather + decoder step + greedy sampling); tokens_per_s = tokens / their total time",
+            "decode_step_ms_by_context is the median of single backend.decode calls after a "
+            "prefill of that many positions",
+            "peak_rss_mb is the process peak (ru_maxrss) after all measurements of that stack; "
+            "the torch reference runs in its own process",
+        ],
+    }
+    if torch_result is not None:
+        report["torch"] = torch_result
+        report["speedup"] = speedups(runtime, torch_result)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args, argv)
+        from molmo_bench.report import markdown
+        from molmo_runtime.fileio import atomic_open, write_json_atomic
+
+        table = markdown(report)
+        print(table)
+        if args.json:
+            write_json_atomic(args.json, report)
+        if args.markdown:
+            with atomic_open(args.markdown, "w") as f:
+                f.write(table)
+        if args.plot:
+            from molmo_bench.plot import write_plot
+
+            write_plot(report, args.plot)
+    except MolmoError as e:
+        print(f"molmo-bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The benchmark's outputs: one JSON object and a markdown table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGE_LABELS = {"preprocess": "preprocess", "vision": "vision encoder",
+                "connector": "connector", "prefill": "prefill"}
+
+
+def with_bandwidth(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: float
+                   ) -> dict[str, Any]:
+    """Add the bandwidth-bound figures: weight bytes read per token x tokens/s / bandwidth."""
+    tokens_per_s = stack["decode"]["tokens_per_s"]
+    stack = dict(stack, weight_bytes=weight_bytes)
+    stack["bandwidth_bound_tokens_per_s"] = read_gb_per_s * 1e9 / weight_bytes
+    stack["bandwidth_fraction"] = weight_bytes * tokens_per_s / (read_gb_per_s * 1e9)
+    return stack
+
+
+def speedups(runtime: dict[str, Any], torch: dict[str, Any]) -> dict[str, Any]:
+    """> 1 means the runtime is faster than the PyTorch reference."""
+    return {
+        "decode": runtime["decode"]["tokens_per_s"] / torch["decode"]["tokens_per_s"],
+        "ttft": torch["ttft_ms"]["total"] / runtime["ttft_ms"]["total"],
+        "ttft_stages": {s: torch["ttft_ms"][s] / runtime["ttft_ms"][s]
+                        for s in STAGE_LABELS if runtime["ttft_ms"][s] > 0.01},
+        "decode_step_by_context": {
+            c: torch["decode_step_ms_by_context"][c] / ms
+            for c, ms in runtime["decode_step_ms_by_context"].items()},
+    }
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _rows(stack: dict[str, Any]) -> list[str]:
+    t, d = stack["ttft_ms"], stack["decode"]
+    rows = [_fmt(t["total"])]
+    rows += [_fmt(t[s], 2 if t[s] < 10 else 1) for s in STAGE_LABELS]
+    rows += [_fmt(d["tokens_per_s"], 2),
+             f"{_fmt(d['p50_ms'])} / {_fmt(d['p90_ms'])} / {_fmt(d['p99_ms'])}"]
+    rows += [_fmt(ms, 2) for ms in stack["decode_step_ms_by_context"].values()]
+    rows += [_fmt(stack["context_growth"], 2) + "×", _fmt(stack["peak_rss_mb"]),
+             _fmt(stack.get("bandwidth_fraction"), 2)]
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, art, inp, st = (report["machine"], report["artifact"], report["inputs"],
+                       report["settings"])
+    libs = m["libraries"]
+    lib_text = ", ".join(f"{k} {libs[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "torch",
+                                                  "tensorrt", "numpy") if k in libs)
+    gpus = "; ".join(g["name"] for g in m["gpus"]) or "no GPU"
+    ctxs = list(report["decode_step_ms_by_context"])
+    labels = (["**TTFT total** (ms)"]
+              + [f"· {STAGE_LABELS[s]} (ms)" for s in ("preprocess", "vision", "connector")]
+              + [f"· prefill, {report['prefill_tokens']} tokens (ms)",
+                 "**decode** tokens/s", "per-token latency p50 / p90 / p99 (ms)"]
+              + [f"decode step at context {c} (ms, median)" for c in ctxs]
+              + [f"step growth, context {ctxs[-1]} / {ctxs[0]}", "peak RSS (MB)",
+                 "bandwidth fraction of decode"])
+    name = f"{art['model']} {art['target']} ({report['backend']})"
+    columns = [_rows(report)]
+    header = f"| | {name} |"
+    rule = "|---|---:|"
+    torch = report.get("torch")
+    if torch is not None:
+        columns.append(_rows(torch))
+        header += " PyTorch fp32 (eager) | speedup |"
+        rule += "---:|---:|"
+        sp = report["speedup"]
+        ratio = ([_fmt(sp["ttft"], 2) + "×"]
+                 + [_fmt(sp["ttft_stages"].get(s), 2) + "×" if s in sp["ttft_stages"] else "–"
+                    for s in STAGE_LABELS]
+                 + [_fmt(sp["decode"], 2) + "×", ""]
+                 + [_fmt(v, 2) + "×" for v in sp["decode_step_by_context"].values()]
+                 + ["", "", ""])
+        columns.append(ratio)
+    lines = [f"#### molmo-bench: {name}", "",
+             f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
+             f"logical cores{' (VM)' if m['virtualized'] else ''}, {m['memory_gb']} GB RAM, "
+             f"{gpus}; {m['os']}; {lib_text}",
+             f"- load average (1 min) at start / end: {_load(m, 'load_average_start')} / "
+             f"{_load(m, 'load_average_end')}",
+             f"- date: {report['date_utc']}",
+             f"- command: `{report['command']}`",
+             f"- inputs: {_inputs_text(inp)}; {st['new_tokens']} new tokens; "
+             f"{st['runs']} runs after {st['warmup']} warm-up(s); medians over runs, percentiles "
+             "over all decode tokens", "", header, rule]
+    for i, label in enumerate(labels):
+        lines.append(f"| {label} | " + " | ".join(col[i] for col in columns) + " |")
+    bw = report["bandwidth"]
+    lines += ["", f"Read bandwidth {bw['read_gb_per_s']:.1f} GB/s (numpy probe); decoder "
+              f"weights {report['weight_bytes'] / 1e6:,.0f} MB read per token (embedding gather "
+              f"excluded) → bandwidth bound {report['bandwidth_bound_tokens_per_s']:.2f} "
+              "tokens/s."]
+    return "\n".join(lines) + "\n"
+
+
+def _load(m: dict[str, Any], key: str) -> str:
+    value = m.get(key)
+    return f"{value[0]:.2f}" if value else "n/a"
+
+
+def _inputs_text(inp: dict[str, Any]) -> str:
+    if inp["kind"] == "synthetic":
+        return (f"synthetic, {inp['crops']} crops, {inp['sequence_tokens']}-token sequence "
+                "(image tokens included)")
+    return f"image {inp['image']}, prompt {inp['prompt']!r}"

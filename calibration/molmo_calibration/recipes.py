@@ -1,0 +1,70 @@
+"""Which quantization each target applies to each graph: one declarative table.
+
+ORT CPU targets use what ORT's CPU kernels make fast: static QDQ INT8 runs ~10x slower than fp32
+there, while dynamic INT8 (MatMulInteger) and weight-only MatMulNBits run 2-3x faster.
+The TensorRT target gets QDQ graphs (explicit quantization): only the weight MatMuls are
+quantized, so LayerNorm, softmax (and the attention matmuls around it) and residual adds stay in
+float. Its decoder is chosen between W8A8 and weight-only INT8 by measured quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from molmo_runtime.graph_io import CONNECTOR, DECODER, VISION_ENCODER
+
+Target = Literal["ort-int8", "ort-int4", "trt-int8-qdq"]
+
+Method = Literal[
+    "int8-dynamic",  # MatMulInteger: per-channel int8 weights, activations quantized per call
+    "int8-weight-only-nbits",  # MatMulNBits bits=8, blockwise symmetric, int8 compute
+    "int4-weight-only-nbits",  # MatMulNBits bits=4, blockwise symmetric, int8 compute
+    "qdq-int8",  # static QDQ W8A8 for TensorRT, per-channel weights, calibrated activations
+    "qdq-int8-weight-only",  # DequantizeLinear on per-channel int8 weights only
+]
+
+
+@dataclass(frozen=True)
+class GraphRecipe:
+    """How one graph is quantized. `candidates` > 1: chosen by measured quality, in order of
+    preference (the first that meets the thresholds wins; else the best measured)."""
+
+    candidates: tuple[Method, ...]
+    block_size: int = 0  # MatMulNBits block along K
+    lm_head: Method | None = None  # the LM head's own method, where it differs
+
+    @property
+    def method(self) -> Method:
+        return self.candidates[0]
+
+
+@dataclass(frozen=True)
+class TargetRecipe:
+    target: Target
+    manifest_target: str  # what the artifact's manifest calls its target
+    precision: str  # short name (manifest "quantization.precision")
+    graphs: dict[str, GraphRecipe]
+    qdq_dir: str | None = None  # TensorRT: QDQ graphs beside the fp32 ones
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        return any(m.startswith("qdq-") for r in self.graphs.values() for m in r.candidates)
+
+
+_VISION_ORT = GraphRecipe(("int8-dynamic",))
+
+RECIPES: dict[str, TargetRecipe] = {
+    "ort-int8": TargetRecipe("ort-int8", "ort-int8", "int8", {
+        VISION_ENCODER: _VISION_ORT, CONNECTOR: _VISION_ORT,
+        DECODER: GraphRecipe(("int8-weight-only-nbits",), block_size=128)}),
+    # 4-bit decoder; the LM head keeps 8 bits (its errors land directly on the logits).
+    "ort-int4": TargetRecipe("ort-int4", "ort-int4", "int4", {
+        VISION_ENCODER: _VISION_ORT, CONNECTOR: _VISION_ORT,
+        DECODER: GraphRecipe(("int4-weight-only-nbits",), block_size=32,
+                             lm_head="int8-weight-only-nbits")}),
+    "trt-int8-qdq": TargetRecipe("trt-int8-qdq", "trt-int8", "int8", {
+        VISION_ENCODER: GraphRecipe(("qdq-int8",)), CONNECTOR: GraphRecipe(("qdq-int8",)),
+        DECODER: GraphRecipe(("qdq-int8", "qdq-int8-weight-only"))}, qdq_dir="onnx/qdq"),
+}
+TARGETS: tuple[str, ...] = tuple(RECIPES)
