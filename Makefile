@@ -37,11 +37,11 @@ test-runtime: $(RT_VENV)/.installed
 	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 	$(RT_VENV)/bin/python -m pytest -q tests/runtime tests/calibration tests/test_torch_free.py
 
-# tensorrt-stubs 10.13 ships .pyi files without py.typed, and 7 plugin methods with a parameter
-# named `in` (a syntax error for mypy): check against a copy with that one name fixed.
+# tensorrt-stubs 10.13 ships .pyi files without py.typed and with a few lines mypy cannot read:
+# check against a fixed copy (tests/gpu/trt_stubs.py says what it fixes).
 TRT_STUBS := build/trt-stubs
 typecheck: $(VENV)/.installed
-	$(VENV)/bin/python -c "import pathlib, re, shutil, tensorrt_stubs as s; src = pathlib.Path(s.__file__).parents[1]; dst = pathlib.Path('$(TRT_STUBS)'); shutil.rmtree(dst, ignore_errors=True); [shutil.copytree(src / p, dst / p) for p in ('tensorrt', 'tensorrt_bindings')]; f = dst / 'tensorrt_bindings' / 'tensorrt.pyi'; f.write_text(re.sub(r'\\bin:', 'in_:', f.read_text()))"
+	$(VENV)/bin/python tests/gpu/trt_stubs.py $(TRT_STUBS)
 	MYPYPATH=$(TRT_STUBS) $(VENV)/bin/python -m mypy --strict molmo_export/trt runtime/molmo_runtime/backends/trt.py runtime/molmo_runtime/cuda_api.py runtime/molmo_runtime/trt_buffers.py runtime/molmo_runtime/trt_env.py
 
 clean:

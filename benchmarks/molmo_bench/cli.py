@@ -88,6 +88,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from molmo_bench.measure import BenchSettings, bench_stack
     from molmo_bench.report import speedups, with_bandwidth
     from molmo_runtime.graph_io import DECODER
+    from molmo_runtime.manifest import load_manifest
     from molmo_runtime.pipeline import MolmoPipeline
 
     def log(text: str) -> None:
@@ -101,13 +102,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     machine = machine_info()
     machine["load_average_start"] = load_average()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    log(f"opening {args.artifact} ({args.backend} backend, {threads} threads)")
-    start = time.perf_counter()
-    pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend, threads=threads,
-                                  verify="size")
-    load_s = time.perf_counter() - start
-    manifest = pipe.manifest
+    manifest = load_manifest(args.artifact, verify="size")
     if args.image is not None:
         inputs = image_inputs(args.image, args.prompt)
         sequence_tokens = None
@@ -120,6 +115,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                              seed=args.seed)
     settings.check(manifest.max_seq_len, sequence_tokens)
 
+    log(f"opening {args.artifact} ({args.backend} backend, {threads} threads)")
+    start = time.perf_counter()
+    pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend, threads=threads,
+                                  verify="none")  # sizes were checked above
+    load_s = time.perf_counter() - start
     log(f"{pipe.backend.name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
         f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}")
     runtime = bench_stack(pipe, inputs, settings, log=log)

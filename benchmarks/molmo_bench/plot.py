@@ -42,9 +42,11 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax_ttft.invert_yaxis()
     ax_ttft.set_xlabel("time to first token (ms, median)")
     ax_ttft.set_title(f"TTFT by stage ({report['prefill_tokens']}-token prefill)", fontsize=10)
-    ax_ttft.legend(fontsize=8, loc="lower right")
-    ax_ttft.margins(x=0.2)
+    ax_ttft.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                   frameon=False)
+    ax_ttft.margins(x=0.22)
 
+    medians = []
     for name, stack in stacks:
         detail = stack["decode_step_by_context"]
         ctx = [int(c) for c in detail]
@@ -52,8 +54,13 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         lo = [detail[c]["p50_ms"] - detail[c]["min_ms"] for c in detail]
         hi = [detail[c]["p90_ms"] - detail[c]["p50_ms"] for c in detail]
         ax_ctx.errorbar(ctx, p50, yerr=[lo, hi], marker="o", capsize=3, label=name)
+        medians += p50
     ax_ctx.set_xscale("log", base=2)
-    ax_ctx.set_ylim(bottom=0)
+    ax_ctx.set_xticks(ctx, [str(c) for c in ctx])
+    if max(medians) > 20 * min(medians):  # stacks an order of magnitude apart: log scale
+        ax_ctx.set_yscale("log")
+    else:
+        ax_ctx.set_ylim(bottom=0)
     ax_ctx.set_xlabel("context length (tokens)")
     ax_ctx.set_ylabel("decode step (ms): median, min–p90")
     ax_ctx.set_title("decode step latency vs context", fontsize=10)

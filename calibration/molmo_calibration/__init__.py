@@ -15,6 +15,7 @@ _LAZY = {
     "quantize_prepared": "molmo_calibration.quantize",
     "QualityReport": "molmo_calibration.report",
     "QualityError": "molmo_calibration.report",
+    "QualityWarning": "molmo_calibration.report",
     "Thresholds": "molmo_calibration.report",
     "CalibrationSet": "molmo_calibration.calibration_set",
     "load_calibration_set": "molmo_calibration.calibration_set",

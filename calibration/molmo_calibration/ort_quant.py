@@ -53,10 +53,9 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int,
                              accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=head)
     q.process()
     model = q.model.model
-    if head:
+    if head:  # the only float weight matmul left (nodes_to_include does not restrict)
         q = MatMulNBitsQuantizer(model, bits=lm_head_bits, block_size=block_size,
-                                 is_symmetric=True, accuracy_level=NBITS_ACCURACY_LEVEL,
-                                 nodes_to_include=head)
+                                 is_symmetric=True, accuracy_level=NBITS_ACCURACY_LEVEL)
         q.process()
         model = q.model.model
     save_model(model, dst, external)

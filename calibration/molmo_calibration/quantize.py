@@ -39,6 +39,7 @@ from molmo_calibration.report import (
     DecoderStats,
     QualityError,
     QualityReport,
+    QualityWarning,
     SampleResult,
     StageStats,
     Thresholds,
@@ -119,7 +120,7 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
                 raise QualityError(message + ". Nothing was written. Use a larger or more "
                                    "representative calibration set, another target, or "
                                    "--allow-degraded to keep it anyway.", report)
-            warnings.warn(message + " (kept: --allow-degraded)", stacklevel=2)
+            warnings.warn(message + " (kept: --allow-degraded)", QualityWarning, stacklevel=2)
         _copy_unchanged_files(src, recipe, writer.staging)
         shutil.rmtree(scratch)
         writer.commit(_manifest(src, recipe, report, calibration))

@@ -36,6 +36,10 @@ class QualityError(MolmoError):
         self.report = report
 
 
+class QualityWarning(UserWarning):
+    """Issued instead of QualityError when the caller allowed a degraded artifact."""
+
+
 @dataclass(frozen=True)
 class Thresholds:
     vision_cosine: float = 0.99  # worst held-out sample's vision-feature cosine

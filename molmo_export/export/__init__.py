@@ -25,9 +25,9 @@ QUANTIZED_TARGETS = {"ort-int8": "ort-int8", "ort-int4": "ort-int4", "trt-int8":
 
 def default_target() -> str:
     """trt-fp16 where TensorRT and a GPU are present, else ort-fp32."""
-    from molmo_export.trt.availability import tensorrt_missing_reason
+    from molmo_export.trt.availability import tensorrt_missing
 
-    return "ort-fp32" if tensorrt_missing_reason() else "trt-fp16"
+    return "ort-fp32" if tensorrt_missing() else "trt-fp16"
 
 
 def check_target(target: str) -> None:

@@ -1,8 +1,9 @@
 """Generation with a KV cache, as the official generate_from_batch (spec §8.1).
 
-Prefill computes the logits of each row's last valid position only. Right-padded batches
-(-1 padding) work: the new token of every row goes at the end of the (padded) sequence, its
-position is the row's previous position + 1, and the mask grows by one valid column per step.
+Prefill computes the logits of each row's last valid position only. Padded batches (-1
+padding, right-padded as the official code expects, or left-padded) work: the new token of every
+row goes at the end of the (padded) sequence, its position is the row's previous position + 1,
+and the mask grows by one valid column per step.
 Sampling is a set of small pure functions (greedy, temperature, top-k, top-p).
 """
 
@@ -92,7 +93,10 @@ def decode_steps(model: MolmoForConditionalGeneration, input_ids: torch.Tensor,
         raise InputError("a row of input_ids is all padding (-1); every row needs a prompt")
     embeds = model.embed_inputs(input_ids, images, image_masks, image_input_idx)
     hidden, cache = lm.model(embeds, positions, mask)
-    logits = lm.logits_at(hidden, mask.sum(dim=-1) - 1)  # [B, V] at the last valid position
+    # Last valid column of each row: count - 1 for right padding (the official rule), T - 1 for
+    # left padding (which the official rule gets wrong).
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(dim=-1)  # [B]
+    logits = lm.logits_at(hidden, last)  # [B, V]
     position = positions[:, -1:]  # [B, 1]: clamp(cumsum - 1) ends at each row's last position
     while True:
         next_ids = choose(logits)  # [B]

@@ -25,10 +25,11 @@ class MoEFeedForward(nn.Module):
         d, e, i = cfg.hidden_size, cfg.moe_num_experts, cfg.mlp_hidden_size
         self.top_k = cfg.moe_top_k
         self.router = nn.Linear(d, e, bias=False)
-        # Stacked expert weights (official experts.{e}.{gate,up,down}_proj.weight).
-        self.gate_proj = nn.Parameter(torch.empty(e, i, d))
-        self.up_proj = nn.Parameter(torch.empty(e, i, d))
-        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        # Stacked expert weights (official experts.{e}.{gate,up,down}_proj.weight); the init
+        # only matters for models built without a checkpoint (tests).
+        self.gate_proj = nn.Parameter(torch.randn(e, i, d) * d**-0.5)
+        self.up_proj = nn.Parameter(torch.randn(e, i, d) * d**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(e, d, i) * i**-0.5)
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> dense weights [N, E]: the top-k softmax probabilities, zero elsewhere."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from molmo_runtime.errors import InputError
 from molmo_runtime.image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageSource, load_image
-from molmo_runtime.resize import RESIZE_METHODS, resize_into
+from molmo_runtime.resize import RESIZE_METHODS, ResizeSource, resize_into
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -317,17 +317,18 @@ class MolmoImageProcessor:
         """
         arr = self.load(image)
         plan = self.plan(arr.shape[0], arr.shape[1])
+        src = ResizeSource(arr)  # the float32 conversion is shared by both resizes
         size = self._crop_size
         p = self.image_patch_size
         n_patch = size // p
         images = np.empty((plan.n_crops, n_patch * n_patch, p * p * 3), dtype=np.float32)
 
         # Global crop (crop 0).
-        glob = self._resize_pad_normalize(arr, (size, size), plan.global_resized,
+        glob = self._resize_pad_normalize(src, (size, size), plan.global_resized,
                                           plan.global_offset)
         _patchify(glob, images[0], p)
         # High-res crops 1..rows*cols, row-major, stride = window.
-        canvas = self._resize_pad_normalize(arr, plan.canvas, plan.resized, plan.offset)
+        canvas = self._resize_pad_normalize(src, plan.canvas, plan.resized, plan.offset)
         rows, cols = plan.tiling
         window_px = self._window_patches * p
         k = 1
@@ -344,7 +345,7 @@ class MolmoImageProcessor:
         out["plan"] = plan
         return out
 
-    def _resize_pad_normalize(self, arr: np.ndarray, canvas: tuple[int, int],
+    def _resize_pad_normalize(self, src: ResizeSource, canvas: tuple[int, int],
                               resized: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
         """The official resize_and_pad + normalisation: float32 [canvas_h, canvas_w, 3]."""
         (ch, cw), (rh, rw), (top, left) = canvas, resized, offset
@@ -360,7 +361,7 @@ class MolmoImageProcessor:
         out[top + rh:] = pad_value
         out[top:top + rh, :left] = pad_value
         out[top:top + rh, left + rw:] = pad_value
-        resize_into(arr, out[top:top + rh, left:left + rw], self.resize_method, mean, std)
+        resize_into(src, out[top:top + rh, left:left + rw], self.resize_method, mean, std)
         return out
 
     def _image_masks(self, plan: CropPlan) -> np.ndarray:

@@ -23,8 +23,10 @@ order and float32 rounding of the reference kernels (../shared/docs/molmo_archit
 * tensorflow: ``acc = 0; acc = f32(acc + f32(w*in))`` for every tap, no FMA.
 
 Speed: the image is processed in blocks of ~64k values along the axis that is *not* resized, so
-every temporary stays in the CPU's L2 cache; the last pass also clips, normalises and writes
-straight into the caller's canvas (``resize_into``).
+every temporary stays in the CPU's L2 cache. Within a pass the outputs are visited sorted by
+their tap pattern (number of taps, which are fused), so every tap applies to contiguous runs of
+outputs (slices, no fancy indexing); each finished block is put back in order by one gather. The
+last pass also clips, normalises and writes straight into the caller's canvas (``resize_into``).
 """
 
 from __future__ import annotations
@@ -39,9 +41,7 @@ ResizeMethod = Literal["torch-bilinear", "tensorflow"]
 RESIZE_METHODS: tuple[str, ...] = ("torch-bilinear", "tensorflow")
 
 # Values per block of work (float32): 256 KiB, a fraction of a typical L2 cache.
-BLOCK_VALUES = 1 << 18
-# Along axis 0, taps that only a few outputs have are applied to those rows only.
-SUBSET_FRACTION = 0.5
+BLOCK_VALUES = 1 << 16
 
 # uint8 -> float32 conversions of the two back-ends (a 256-entry lookup table each).
 _U8 = np.arange(256, dtype=np.float32)
@@ -53,23 +53,24 @@ for _lut in (_TORCH_U8_TO_F32, _TF_U8_TO_F32):
     _lut.setflags(write=False)
 
 
+# Kinds of a tap of one output.
+NONE, PLAIN, FUSED = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class TapTable:
-    """1-D resampling taps for one axis (n_in -> n_out).
+    """1-D resampling taps for one axis (n_in -> n_out), outputs in natural order.
 
     ``index[t, i]``: input sample of tap t of output i (clamped into range; its weight is 0 where
-    output i has fewer than t+1 taps). ``weight`` float32, ``weight64`` the same as float64.
-    ``fused[t]`` / ``plain[t]``: the outputs whose tap t is a fused / a plain multiply-add
-    (outputs without a tap t are in neither).
+    output i has fewer than t+1 taps); ``weight[t, i]`` float32; ``kind[t, i]``: NONE (no such
+    tap), PLAIN (``f32(acc + f32(x*w))``; tap 0 is ``f32(x*w)``) or FUSED (``f32(fma)``).
     """
 
     n_in: int
     n_out: int
     index: np.ndarray  # [T, n_out] intp
     weight: np.ndarray  # [T, n_out] float32
-    weight64: np.ndarray  # [T, n_out] float64
-    fused: tuple[np.ndarray, ...]  # T entries of [k] intp
-    plain: tuple[np.ndarray, ...]
+    kind: np.ndarray  # [T, n_out] int8
 
     @property
     def taps(self) -> int:
@@ -111,18 +112,15 @@ def torch_taps(n_in: int, n_out: int) -> TapTable:
     w = np.where(nonzero, w / np.where(nonzero, total, f32(1.0)), w).astype(np.float32)
 
     used = max(int(xsize.max(initial=0)), 1)
-    src, w, valid = src[:used], w[:used], valid[:used]
     # With m = n - 1 taps after the first, taps 1..4*floor(m/4) are plain and the last m mod 4
     # are fused (see the module docstring).
     first_fused = 1 + 4 * (np.maximum(xsize - 1, 0) // 4)  # [n_out]
-    tt = np.arange(used)[:, None]
-    fused = valid & (tt >= first_fused[None, :])
-    plain = valid & ~fused & (tt >= 1)
-    table = TapTable(
-        n_in, n_out, np.clip(src, 0, n_in - 1), w, w.astype(np.float64),
-        tuple(np.flatnonzero(fused[k]) for k in range(used)),
-        tuple(np.flatnonzero(plain[k]) for k in range(used)))
-    _readonly(table.index, table.weight, table.weight64, *table.fused, *table.plain)
+    tt = t[:used]
+    kind = np.where(tt >= first_fused[None, :], FUSED, PLAIN).astype(np.int8)
+    kind[0] = PLAIN
+    kind[~valid[:used]] = NONE
+    table = TapTable(n_in, n_out, np.clip(src[:used], 0, n_in - 1), w[:used], kind)
+    _readonly(table.index, table.weight, table.kind)
     return table
 
 
@@ -154,165 +152,186 @@ def tensorflow_taps(n_in: int, n_out: int) -> TapTable:
     inv_total = f32(1.0) / np.where(ok, total, f32(1.0))
     w = np.where(ok[None, :], w * inv_total[None, :], f32(0.0)).astype(np.float32)
 
-    everything = np.arange(n_out, dtype=np.intp)
-    none = np.empty(0, dtype=np.intp)
-    # TF accumulates every tap of the span (zero weights included) as a plain multiply-add.
-    table = TapTable(n_in, n_out, np.clip(src, 0, n_in - 1).astype(np.intp), w,
-                     w.astype(np.float64), (none,) * span_size, (everything,) * span_size)
-    _readonly(table.index, table.weight, table.weight64, everything, none)
+    # TF accumulates every tap of the span, zero weights included, as a plain multiply-add
+    # (0 + w*x for the first); the zero-weight tail changes nothing, so it is left out here.
+    kind = np.where(valid, PLAIN, NONE).astype(np.int8)
+    kind[0] = PLAIN
+    table = TapTable(n_in, n_out, np.clip(src, 0, n_in - 1).astype(np.intp), w, kind)
+    _readonly(table.index, table.weight, table.kind)
     return table
-
-
-@functools.lru_cache(maxsize=64)
-def interleaved_taps(method: str, n_in: int, n_out: int, channels: int) -> TapTable:
-    """The taps of ``method`` on rows of ``channels``-interleaved values (i -> i*C + c), for
-    resampling axis 1 of an [H, W*C] array."""
-    table = _TAPS[method](n_in, n_out)
-    c = np.arange(channels)
-
-    def spread(ix: np.ndarray) -> np.ndarray:
-        return (ix[..., None] * channels + c).reshape(*ix.shape[:-1], -1)
-
-    out = TapTable(
-        table.n_in * channels, table.n_out * channels, spread(table.index),
-        np.repeat(table.weight, channels, axis=-1), np.repeat(table.weight64, channels, axis=-1),
-        tuple(spread(f) for f in table.fused), tuple(spread(p) for p in table.plain))
-    _readonly(out.index, out.weight, out.weight64, *out.fused, *out.plain)
-    return out
 
 
 _TAPS = {"torch-bilinear": torch_taps, "tensorflow": tensorflow_taps}
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A TapTable laid out for execution on rows of ``channels`` interleaved values.
+
+    Outputs (i*C + c) are sorted by their tap pattern; ``runs[t]`` lists (start, stop, fused) of
+    the sorted outputs tap t applies to (outputs without a tap t inside a run have weight 0 there,
+    which leaves them unchanged). ``unsort`` gathers the sorted results back into order (None if
+    the order is already natural)."""
+
+    taps: int
+    n_out: int
+    index: np.ndarray  # [T, n_out*C] intp, sorted order
+    weight: np.ndarray  # [T, n_out*C] float32
+    weight64: np.ndarray  # [T, n_out*C] float64
+    runs: tuple[tuple[tuple[int, int, bool], ...], ...]
+    unsort: np.ndarray | None
+
+
+def _runs(kinds: np.ndarray) -> tuple[tuple[int, int, bool], ...]:
+    """Contiguous runs of PLAIN/FUSED over ``kinds`` (NONE entries join the run before them)."""
+    active = np.flatnonzero(kinds != NONE)
+    if not len(active):
+        return ()
+    lo, hi = int(active[0]), int(active[-1]) + 1
+    k = kinds[lo:hi].copy()
+    for i in range(1, len(k)):  # short: the kinds of a handful of distinct tap patterns
+        if k[i] == NONE:
+            k[i] = k[i - 1]
+    change = np.flatnonzero(np.diff(k)) + 1
+    bounds = [0, *change.tolist(), len(k)]
+    return tuple((lo + a, lo + b, bool(k[a] == FUSED)) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+@functools.lru_cache(maxsize=64)
+def schedule(method: str, n_in: int, n_out: int, channels: int) -> Schedule:
+    """The execution schedule of ``method``'s taps for n_in -> n_out on ``channels`` values per
+    position (1 for a pass along rows, C for a pass along interleaved pixels)."""
+    table = _TAPS[method](n_in, n_out)
+    # Sort outputs by their kind pattern (stable), so every tap covers few contiguous runs.
+    order = np.lexsort(table.kind[::-1].astype(np.int16))
+    if channels > 1:
+        c = np.arange(channels)
+        order = (order[:, None] * channels + c).reshape(-1)
+    natural = bool(np.all(order[1:] > order[:-1]))
+
+    def expand(a: np.ndarray) -> np.ndarray:
+        if channels > 1:
+            a = np.repeat(a, channels, axis=-1)
+        return np.ascontiguousarray(a[:, order])
+
+    index = table.index
+    if channels > 1:
+        index = (index[:, :, None] * channels + np.arange(channels)).reshape(table.taps, -1)
+        index = np.ascontiguousarray(index[:, order])
+    else:
+        index = np.ascontiguousarray(index[:, order])
+    kind = expand(table.kind)
+    weight = expand(table.weight)
+    sched = Schedule(
+        taps=table.taps, n_out=table.n_out * channels, index=index, weight=weight,
+        weight64=weight.astype(np.float64),
+        runs=tuple(_runs(kind[t]) for t in range(table.taps)),
+        unsort=None if natural else np.argsort(order).astype(np.intp))
+    _readonly(sched.index, sched.weight, sched.weight64)
+    return sched
+
+
 # --- one pass --------------------------------------------------------------------------------
 
-def _plain_step(acc: np.ndarray, gathered: np.ndarray, w: np.ndarray) -> None:
-    """acc = f32(acc + f32(gathered * w)) in place; ``gathered`` is scratch."""
-    np.multiply(gathered, w, out=gathered)
-    np.add(acc, gathered, out=acc)
-
-
-def _fused_step(acc: np.ndarray, gathered: np.ndarray, w64: np.ndarray) -> None:
-    """acc = f32(fma(gathered, w, acc)) in place, through an exact float64 product."""
-    prod = np.multiply(gathered, w64)  # float64
-    np.add(prod, acc, out=prod)
-    np.copyto(acc, prod, casting="same_kind")
-
-
-def _accumulate(xb: np.ndarray, tab: TapTable, axis: int) -> np.ndarray:
-    """Resample float32 block ``xb`` along ``axis`` (0 or 1) with the taps of ``tab``."""
-    shape = (-1, 1) if axis == 0 else (1, -1)
-
-    def weights(t: int, rows: np.ndarray | None, fused: bool) -> np.ndarray:
-        table = tab.weight64 if fused else tab.weight
-        return (table[t] if rows is None else table[t][rows]).reshape(shape)
-
-    def on_rows(acc_rows: np.ndarray, t: int, rows: np.ndarray, fused: bool) -> None:
-        step = _fused_step if fused else _plain_step
-        step(acc_rows, np.take(xb, tab.index[t][rows], axis=axis), weights(t, rows, fused))
-
-    def put(acc: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
-        if axis == 0:
-            acc[rows] = values
-        else:
-            acc[:, rows] = values
-
-    acc = np.take(xb, tab.index[0], axis=axis)
-    np.multiply(acc, weights(0, None, False), out=acc)
-    n = tab.n_out
-    for t in range(1, tab.taps):
-        fused, plain = tab.fused[t], tab.plain[t]
-        if not len(fused) and not len(plain):
-            continue
-        if len(fused) + len(plain) < SUBSET_FRACTION * n:
-            # Few outputs have a tap t: work on those only.
-            for rows, is_fused in ((plain, False), (fused, True)):
-                if len(rows):
-                    sub = np.take(acc, rows, axis=axis)
-                    on_rows(sub, t, rows, is_fused)
-                    put(acc, rows, sub)
-            continue
-        # The larger group runs over all outputs (an output without a tap t has weight 0 there,
-        # so it is left unchanged); the other group's outputs are saved first and redone.
-        major_fused = len(fused) >= len(plain)
-        minor = plain if major_fused else fused
-        saved = np.take(acc, minor, axis=axis) if len(minor) else None
-        step = _fused_step if major_fused else _plain_step
-        step(acc, np.take(xb, tab.index[t], axis=axis), weights(t, None, major_fused))
-        if saved is not None:
-            on_rows(saved, t, minor, not major_fused)
-            put(acc, minor, saved)
-    return acc
-
-
-def _run_pass(x: np.ndarray, tab: TapTable, axis: int, lut: np.ndarray | None,
-              out: np.ndarray | None, epilogue: _Epilogue | None) -> np.ndarray:
-    """Resample 2-D ``x`` along ``axis`` block by block (blocks split the other axis).
-
-    ``lut``: x is uint8 and converted per block. ``out``: destination (else a new array);
-    ``epilogue``: clip + normalise each finished block into ``out``."""
-    n_rows, n_cols = x.shape
-    out_shape = (tab.n_out, n_cols) if axis == 0 else (n_rows, tab.n_out)
-    if out is None:
-        out = np.empty(out_shape, dtype=np.float32)
-    longest = max(tab.n_in, tab.n_out)
-    step = max(1, BLOCK_VALUES // longest)
-    other = n_cols if axis == 0 else n_rows
+def _run_pass(x: np.ndarray, sched: Schedule, axis: int, out: np.ndarray,
+              epilogue: _Epilogue | None = None) -> None:
+    """Resample 2-D float32 ``x`` along ``axis`` into ``out``, block by block (blocks split the
+    other axis); ``epilogue`` clips/normalises each finished block into ``out``."""
+    wshape = (-1, 1) if axis == 0 else (1, -1)
+    other = x.shape[1] if axis == 0 else x.shape[0]
+    along = max(x.shape[axis], sched.n_out)
+    step = max(1, BLOCK_VALUES // along)
     for b0 in range(0, other, step):
         b1 = min(other, b0 + step)
         xb = x[:, b0:b1] if axis == 0 else x[b0:b1]
-        xb = np.take(lut, xb) if lut is not None else xb
-        acc = _accumulate(xb, tab, axis)
+        # Tap 0: acc = f32(x * w).
+        acc = np.take(xb, sched.index[0], axis=axis, mode="wrap")  # "wrap": no bounds checks
+        np.multiply(acc, sched.weight[0].reshape(wshape), out=acc)
+        for t in range(1, sched.taps):
+            for s0, s1, fused in sched.runs[t]:
+                a = acc[s0:s1] if axis == 0 else acc[:, s0:s1]
+                g = np.take(xb, sched.index[t, s0:s1], axis=axis, mode="wrap")
+                if fused:  # f32(f64(x) * f64(w) + f64(acc)): the float64 product is exact
+                    prod = np.multiply(g, sched.weight64[t, s0:s1].reshape(wshape))
+                    np.add(prod, a, out=prod)
+                    np.copyto(a, prod, casting="same_kind")
+                else:  # f32(acc + f32(x * w))
+                    np.multiply(g, sched.weight[t, s0:s1].reshape(wshape), out=g)
+                    np.add(a, g, out=a)
+        if sched.unsort is not None:
+            acc = np.take(acc, sched.unsort, axis=axis, mode="wrap")
         dest = out[:, b0:b1] if axis == 0 else out[b0:b1]
         if epilogue is not None:
-            epilogue(acc, dest, (slice(None), slice(b0, b1)) if axis == 0 else
-                     (slice(None), slice(None)))
+            epilogue(acc, dest, b0 if axis == 0 else None)
         else:
-            dest[...] = acc
-    return out
+            np.copyto(dest, acc)
 
 
 class _Epilogue:
     """Clip to [0, 1], then optionally ``(x - mean) / std`` (float32, subtract then divide, as the
-    official code), written into the destination block. mean/std are per channel, tiled along the
-    row so numpy's inner loops stay long."""
+    official code), written into the destination block; mean/std are per channel, tiled along
+    the row so numpy's loops stay long."""
 
     def __init__(self, row_values: int, channels: int, mean: np.ndarray | None,
                  std: np.ndarray | None):
         reps = row_values // channels
-        self.mean = None if mean is None else np.tile(mean.astype(np.float32), reps)[None, :]
-        self.std = None if std is None else np.tile(std.astype(np.float32), reps)[None, :]
+        self.mean = None if mean is None else np.tile(np.asarray(mean, np.float32), reps)[None]
+        self.std = None if std is None else np.tile(np.asarray(std, np.float32), reps)[None]
 
-    def __call__(self, acc: np.ndarray, dest: np.ndarray, cols: tuple[slice, slice]) -> None:
+    def __call__(self, acc: np.ndarray, dest: np.ndarray, col0: int | None) -> None:
+        """``col0``: first column of a column block, None for whole rows."""
         np.clip(acc, 0.0, 1.0, out=acc)
         if self.mean is None or self.std is None:
-            dest[...] = acc
+            np.copyto(dest, acc)
             return
-        np.subtract(acc, self.mean[cols], out=acc)
-        np.divide(acc, self.std[cols], out=dest)
+        cols = slice(None) if col0 is None else slice(col0, col0 + acc.shape[1])
+        np.subtract(acc, self.mean[:, cols], out=acc)
+        np.divide(acc, self.std[:, cols], out=dest)
 
 
 # --- public ----------------------------------------------------------------------------------
 
-def resize_into(image: np.ndarray, out: np.ndarray, method: ResizeMethod = "torch-bilinear",
-                mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
-    """Resize uint8 ``image`` [H, W, C] into float32 ``out`` [h, w, C] (may be a strided view,
-    e.g. the inside of a padded canvas), bit-exact with the official back-end ``method``, then
-    clip to [0, 1] and, if ``mean``/``std`` are given, normalise ``(x - mean) / std``."""
-    if image.dtype != np.uint8 or image.ndim != 3:
-        raise ValueError(f"expected a uint8 [H, W, C] array, got {image.dtype} {image.shape}")
-    if out.dtype != np.float32 or out.ndim != 3 or out.shape[2] != image.shape[2]:
-        raise ValueError(f"out must be float32 [h, w, {image.shape[2]}], got {out.dtype} "
-                         f"{out.shape}")
-    (h, w, c), (height, width) = image.shape, out.shape[:2]
+class ResizeSource:
+    """A uint8 [H, W, C] image and its float32 conversion per back-end (computed once, shared by
+    every resize of the same image, e.g. the global crop and the high-res canvas)."""
+
+    def __init__(self, image: np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3:
+            raise ValueError(f"expected a uint8 [H, W, C] array, got {image.dtype} {image.shape}")
+        self.image = image
+        self._float: dict[str, np.ndarray] = {}
+
+    def as_float(self, method: str) -> np.ndarray:
+        """[H, W*C] float32 in [0, 1], converted as the back-end does."""
+        x = self._float.get(method)
+        if x is None:
+            h, w, c = self.image.shape
+            x = self.image.reshape(h, w * c).astype(np.float32)
+            if method == "torch-bilinear":
+                np.divide(x, np.float32(255.0), out=x)  # == _TORCH_U8_TO_F32[v]
+            else:
+                np.multiply(x, np.float32(1.0 / 255.0), out=x)  # == _TF_U8_TO_F32[v]
+            self._float[method] = x
+        return x
+
+
+def resize_into(image: np.ndarray | ResizeSource, out: np.ndarray,
+                method: ResizeMethod = "torch-bilinear", mean: np.ndarray | None = None,
+                std: np.ndarray | None = None) -> None:
+    """Resize uint8 ``image`` [H, W, C] into float32 ``out`` [h, w, C] (may be a view with
+    strided rows, e.g. the inside of a padded canvas), bit-exact with the official back-end
+    ``method``, then clip to [0, 1] and, if ``mean``/``std`` are given, ``(x - mean) / std``."""
+    src = image if isinstance(image, ResizeSource) else ResizeSource(image)
+    h, w, c = src.image.shape
+    if out.dtype != np.float32 or out.ndim != 3 or out.shape[2] != c:
+        raise ValueError(f"out must be float32 [h, w, {c}], got {out.dtype} {out.shape}")
+    height, width = out.shape[:2]
     if height < 1 or width < 1:
         raise ValueError(f"resize target must be at least 1x1, got {height}x{width}")
     if method == "torch-bilinear":
-        lut = _TORCH_U8_TO_F32
         # ATen: width first, then height; a dimension whose size is unchanged is skipped.
         passes = [p for p, changes in (("w", w != width), ("h", h != height)) if changes]
     elif method == "tensorflow":
-        lut = _TF_U8_TO_F32
         passes = ["h", "w"]  # scale_and_translate: rows first, then columns, always both
     else:
         raise ValueError(f"unknown resize method {method!r}; expected one of {RESIZE_METHODS}")
@@ -323,26 +342,32 @@ def resize_into(image: np.ndarray, out: np.ndarray, method: ResizeMethod = "torc
     except AttributeError as e:
         raise ValueError("out must have contiguous rows (a slice of a C-contiguous canvas)") from e
     epilogue = _Epilogue(width * c, c, mean, std)
-    x: np.ndarray = image.reshape(h, w * c)
-    x_lut: np.ndarray | None = lut
+    x = src.as_float(method)  # [H, W*C]
     if not passes:  # identity: only the uint8 -> float32 conversion
-        epilogue(np.take(lut, x), out2d, (slice(None), slice(None)))
+        epilogue(x.copy(), out2d, None)
         return
     for k, which in enumerate(passes):
-        last = k == len(passes) - 1
         if which == "w":
-            tab, axis = interleaved_taps(method, x.shape[1] // c, width, c), 1
+            sched, axis = schedule(method, x.shape[1] // c, width, c), 1
+            shape = (x.shape[0], width * c)
         else:
-            tab, axis = _TAPS[method](x.shape[0], height), 0
-        x = _run_pass(x, tab, axis, x_lut, out2d if last else None, epilogue if last else None)
-        x_lut = None
+            sched, axis = schedule(method, x.shape[0], height, 1), 0
+            shape = (height, x.shape[1])
+        if k == len(passes) - 1:
+            _run_pass(x, sched, axis, out2d, epilogue)
+        else:
+            y = np.empty(shape, dtype=np.float32)
+            _run_pass(x, sched, axis, y)
+            x = y
 
 
 def resize_uint8(image: np.ndarray, height: int, width: int,
                  method: ResizeMethod = "torch-bilinear") -> np.ndarray:
     """Resize a uint8 [H, W, C] image to a new float32 [height, width, C] array in [0, 1]."""
+    if image.ndim != 3:
+        raise ValueError(f"expected a uint8 [H, W, C] array, got shape {image.shape}")
     if height < 1 or width < 1:
         raise ValueError(f"resize target must be at least 1x1, got {height}x{width}")
-    out = np.empty((height, width, image.shape[2] if image.ndim == 3 else 0), dtype=np.float32)
+    out = np.empty((height, width, image.shape[2]), dtype=np.float32)
     resize_into(image, out, method)
     return out

@@ -105,10 +105,13 @@ def max_dim_sizes(spec: GraphSpec, profiles: Sequence[Mapping[str, ShapeRange]])
     return sizes
 
 
-def capacity_shapes(spec: GraphSpec, profiles: Sequence[Mapping[str, ShapeRange]]
-                    ) -> dict[str, Shape]:
-    """Largest shape of every I/O tensor over all profiles: what its buffer must hold."""
-    sizes = max_dim_sizes(spec, profiles)
+def capacity_shapes(spec: GraphSpec, profiles: Sequence[Mapping[str, ShapeRange]],
+                    fixed: Mapping[str, int] | None = None) -> dict[str, Shape]:
+    """Largest shape of every I/O tensor over all profiles: what its buffer must hold.
+
+    fixed: dimensions already known (e.g. {"batch": 1} once a generation has started).
+    """
+    sizes = {**max_dim_sizes(spec, profiles), **(fixed or {})}
     return {t.name: t.shape_for(sizes) for t in (*spec.inputs, *spec.outputs)}
 
 

@@ -48,6 +48,7 @@ class ToySizes:
     vocab: int = 300
     max_crops: int = 4
     max_seq_len: int = 2048
+    lm_head_scale: float = 4.0  # logits of a few units, like the demo model's
 
     def dims(self) -> GraphDims:
         return GraphDims(patches_per_crop=576, patch_dim=588,
@@ -239,7 +240,8 @@ def decoder(s: ToySizes, seed: int = 3) -> onnx.ModelProto:
     x = b.rms_norm(x, d)
     last = b.op("Slice", [x, b.const(np.array([-1], np.int64)),
                           b.const(np.array([2**62], np.int64)), b.const(np.array([1], np.int64))])
-    b.op("MatMul", [last, b.weight(d, s.vocab, "lm_head", scale=4.0)], outputs=["logits"])
+    b.op("MatMul", [last, b.weight(d, s.vocab, "lm_head", scale=s.lm_head_scale)],
+         outputs=["logits"])
     spec = all_graph_specs(s.dims())[DECODER]
     return b.model(_value_infos(spec.inputs), _value_infos(spec.outputs), DECODER)
 
