@@ -1,7 +1,7 @@
 """Loading official Molmo checkpoints: one declarative name table, safetensors only.
 
-    official name (hub state_dict)                       ours (MolmoForConditionalGeneration)
-    model.transformer.blocks.{n}.att_proj.weight    ->   language_model.model.layers.{n}.attn.w{q,k,v}
+    official name (hub state_dict)                   ours (MolmoForConditionalGeneration)
+    model.transformer.blocks.{n}.att_proj.weight ->  language_model.model.layers.{n}.attn.w{q,k,v}
     ...                                                  (fused tensors split along dim 0)
 
 `load_pretrained` reads an official hub folder as downloaded (config.json + model.safetensors,
@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from molmo_export.config import (
     RANDOM_WEIGHT_PRESETS,
@@ -63,7 +63,7 @@ class Into:
     part: str  # "embed_base": rows [0, E)   "embed_new": rows [E, E+128)   "expert": index [e]
 
 
-Target = Union[str, Split, Into]
+Target = str | Split | Into
 
 _VIT = "model.vision_backbone.image_vit."
 _BLOCK = _VIT + "transformer.resblocks.{v}."
@@ -86,7 +86,8 @@ VISION_TABLE: tuple[tuple[str, Target], ...] = (
     *((_BLOCK + f"feed_forward.w{i}.{p}", _OURS_VB + f"mlp.fc{i}.{p}")
       for i in (1, 2) for p in ("weight", "bias")),
     ("model.vision_backbone.pad_embed", "connector.pad_embed"),
-    *((_POOL + f"w{x}.{p}", f"connector.pool.w{x}.{p}") for x in "qkvo" for p in ("weight", "bias")),
+    *((_POOL + f"w{x}.{p}", f"connector.pool.w{x}.{p}")
+      for x in "qkvo" for p in ("weight", "bias")),
     (_PROJ + "w1.weight", "connector.projector.gate.weight"),
     (_PROJ + "w3.weight", "connector.projector.up.weight"),
     (_PROJ + "w2.weight", "connector.projector.down.weight"),
@@ -296,11 +297,11 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def _open(path: Path) -> Any:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own SafetensorError for bad files
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is truncated "
                               "or corrupt: delete it and download it again") from None
 
@@ -314,7 +315,7 @@ def scan_checkpoint(directory: Path, cfg: MolmoConfig, param_shapes: dict[str, t
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         with _open(path) as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 shapes[key] = tuple(f.get_slice(key).get_shape())
                 location[key] = path
     plan, uncovered = build_plan(cfg, param_shapes)
@@ -347,6 +348,7 @@ def _fill(params: dict[str, nn.Parameter], entry: PlanEntry, tensor: torch.Tenso
 def load_pretrained(cls: type, directory: str | os.PathLike[str], dtype: Any = None) -> Any:
     """Build `cls(config)` from an official checkpoint folder; see the module docstring."""
     import torch
+    from safetensors import SafetensorError
 
     dtype = dtype or torch.float32
     if not Path(directory).exists() and str(directory) in RANDOM_WEIGHT_PRESETS:
@@ -378,7 +380,7 @@ def load_pretrained(cls: type, directory: str | os.PathLike[str], dtype: Any = N
                 for name in names:
                     try:
                         tensor = f.get_tensor(name)
-                    except Exception as e:
+                    except (SafetensorError, OSError) as e:
                         raise CheckpointError(f"{path}: cannot read tensor {name} ({e}); the "
                                               "file is corrupt: download it again") from None
                     _fill(params, plan[name], tensor)

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from molmo_runtime.errors import MolmoError
+
 
 @dataclass(frozen=True)
 class MolmoVisionConfig:
@@ -238,8 +240,6 @@ def get_preset(name: str) -> MolmoConfig:
 #     checkpoint carries it, the vision and connector settings are taken from it.
 #   * MolmoE's hub `config.json`: the same complete OLMo-style config (`d_model`, `n_layers`,
 #     `moe_*`, `vision_backbone`).
-
-from molmo_runtime.errors import MolmoError  # noqa: E402  (torch-free)
 
 CONFIG_FILE = "config.json"
 FULL_CONFIG_FILE = "full_config.json"
@@ -472,6 +472,9 @@ def config_from_checkpoint(directory: Any) -> MolmoConfig:
     from pathlib import Path
 
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file; pass the checkpoint folder that holds it "
+                              "(config.json and the *.safetensors files)")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist; pass the folder "
                               "that holds config.json and the *.safetensors files")

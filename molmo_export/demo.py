@@ -30,7 +30,7 @@ from typing import Any
 from molmo_export.config import PRESETS, RANDOM_WEIGHT_PRESETS, MolmoConfig, get_preset
 from molmo_runtime.errors import InputError
 
-FORMAT_VERSION = 1  # bump when the files written here change
+FORMAT_VERSION = 2  # bump when the files written here change
 SEED = 20240930
 SHARD_BYTES = 1 << 30  # checkpoints larger than this are sharded like the hub's
 MARKER = "molmo_export_preset.json"
@@ -134,9 +134,24 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
+# Readable filler for the ids between <|endoftext|> and the image specials, so that a random
+# model's answer decodes to (meaningless) words rather than to nothing: 64 stems x 4 endings.
+_STEMS = ("the a cat dog photo image show red blue green small large on in with near table sky "
+          "tree house car person eye ear left right top bottom light dark window door street "
+          "water grass wall floor hand face two three one many some is are there this that and "
+          "of to it look like bright soft point count text sign boat bird flower cup book "
+          "chair road").split()
+
+
+def _filler_words(n: int) -> list[str]:
+    words = [stem + end for end in ("", "s", "ed", "ing") for stem in _STEMS]
+    return ["\u0120" + w for w in words[:n]]  # \u0120 is the byte-level alphabet's space
+
+
 def write_tokenizer(cfg: MolmoConfig, directory: Path) -> None:
     """Byte-level tokenizer: ids 0..255 are the bytes, <|endoftext|> and the five image specials
-    sit at the ids of cfg.tokens (ids in between are unused)."""
+    sit at the ids of cfg.tokens, and up to 256 filler words fill the ids right after
+    <|endoftext|> (decode-only: with no merges, encoding never produces them)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tok = cfg.tokens
@@ -144,6 +159,9 @@ def write_tokenizer(cfg: MolmoConfig, directory: Path) -> None:
                                                                  tok.im_patch, tok.im_col,
                                                                  tok.image)))}
     vocab = {ch: b for b, ch in _byte_to_unicode().items()}
+    first_free = tok.eos + 1
+    vocab.update({w: first_free + i for i, w in
+                  enumerate(_filler_words(max(0, min(tok.im_start, 512) - first_free)))})
     vocab.update(specials)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

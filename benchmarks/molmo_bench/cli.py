@@ -82,14 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    from molmo_runtime.graph_io import DECODER
+    from molmo_runtime.manifest import load_manifest
+    from molmo_runtime.pipeline import MolmoPipeline
+
     from molmo_bench.bandwidth import decoder_weight_bytes, measure_read_bandwidth
     from molmo_bench.inputs import image_inputs, synthetic_inputs
     from molmo_bench.machine import load_average, machine_info, physical_cores
     from molmo_bench.measure import BenchSettings, bench_stack
-    from molmo_bench.report import speedups, with_bandwidth
-    from molmo_runtime.graph_io import DECODER
-    from molmo_runtime.manifest import load_manifest
-    from molmo_runtime.pipeline import MolmoPipeline
+    from molmo_bench.report import busy_warnings, speedups, with_bandwidth
 
     def log(text: str) -> None:
         if not args.quiet:
@@ -161,20 +162,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                      "warmup": settings.warmup, "contexts": list(settings.contexts),
                      "context_steps": settings.context_steps, "seed": settings.seed},
         "machine": machine,
+        "warnings": busy_warnings(machine),
         **runtime,
-        "weight_bytes_method": weight_method + "; the embedding gather (one row per token) and "
-                                               "the KV cache reads are not counted",
+        "weight_bytes_method": (weight_method + "; the embedding gather (one row per token) "
+                                "and the KV cache reads are not counted"),
         "bandwidth": bandwidth.to_dict(),
         "notes": [
-            "ttft_ms stages are the pipeline's own Timings (vision includes the token-embedding "
-            "gather, prefill includes adding the image tokens); total is wall clock from the "
-            "start of preprocessing to the first token out of the generation loop",
-            "decode per-token latency is the wall time between consecutive tokens (embedding "
-            "gather + decoder step + greedy sampling); tokens_per_s = tokens / their total time",
-            "decode_step_ms_by_context is the median of single backend.decode calls after a "
-            "prefill of that many positions",
-            "peak_rss_mb is the process peak (ru_maxrss) after all measurements of that stack; "
-            "the torch reference runs in its own process",
+            ("ttft_ms stages are the pipeline's own Timings (vision includes the token-embedding "
+             "gather, prefill includes adding the image tokens); total is wall clock from the "
+             "start of preprocessing to the first token out of the generation loop"),
+            ("decode per-token latency is the wall time between consecutive tokens (embedding "
+             "gather + decoder step + greedy sampling); tokens_per_s = tokens / their total time"),
+            ("decode_step_ms_by_context is the median of single backend.decode calls after a "
+             "prefill of that many positions"),
+            ("peak_rss_mb is the process peak (ru_maxrss) after all measurements of that stack; "
+             "the torch reference runs in its own process"),
         ],
     }
     if torch_result is not None:
@@ -188,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(args, argv)
-        from molmo_bench.report import markdown
         from molmo_runtime.fileio import atomic_open, write_json_atomic
+
+        from molmo_bench.report import markdown
 
         table = markdown(report)
         print(table)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from molmo_runtime.errors import InputError
 from molmo_runtime.manifest import Manifest
 
@@ -46,6 +45,7 @@ class BenchInputs:
                              "use --synthetic")
         from molmo_runtime.image_io import load_image
 
+        assert self.image is not None
         pixels = load_image(self.image)  # [H, W, 3] uint8, as MolmoPipeline.stream loads it
         inputs = processor(images=pixels, text=self.prompt)
         return {k: v[None] for k, v in inputs.items()}
@@ -79,7 +79,7 @@ def synthetic_inputs(manifest: Manifest, crops: int, prompt_tokens: int,
         ids.append(tokens["im_end"])
     ids += rng.integers(0, text_id_bound(tokens), prompt_tokens).tolist()
     images = rng.standard_normal((crops, dims.patches_per_crop, dims.patch_dim), np.float32)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "input_ids": np.asarray(ids, np.int64),  # [L]
         "images": images,  # [crops, 576, 588]
         "image_input_idx": np.asarray(idx, np.int32).reshape(crops, -1),  # [crops, 144]

@@ -48,9 +48,9 @@ def physical_cores() -> int:
 
 def total_memory_gb() -> float | None:
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped, unused-ignore]
 
-        return round(psutil.virtual_memory().total / 2**30, 1)
+        return round(float(psutil.virtual_memory().total) / 2**30, 1)
     except ImportError:
         pass
     try:
@@ -93,7 +93,7 @@ def jetpack_release() -> str | None:
 
 def ort_providers() -> list[str] | None:
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
     except ImportError:
         return None
     return list(ort.get_available_providers())
@@ -134,7 +134,7 @@ def peak_rss_mb() -> float:
     try:
         import resource
     except ImportError:  # Windows
-        import psutil
+        import psutil  # type: ignore[import-untyped, unused-ignore]
 
         return float(psutil.Process().memory_info().peak_wset) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from molmo_bench.inputs import BenchInputs, text_id_bound
-from molmo_bench.machine import gpu_memory_used_mb, peak_rss_mb
 from molmo_runtime.errors import InputError
 from molmo_runtime.pipeline import MolmoPipeline, Timings
 from molmo_runtime.sampling import Sampler, SamplingParams
+
+from molmo_bench.inputs import BenchInputs, text_id_bound
+from molmo_bench.machine import gpu_memory_used_mb, peak_rss_mb
 
 STAGES = ("preprocess", "vision", "connector", "prefill")
 
@@ -160,8 +160,10 @@ def summarize(samples: list[GenerationSample], by_context: dict[str, dict[str, f
     ttft = {stage: float(np.median([s.stages_ms[stage] for s in samples])) for stage in STAGES}
     ttft["total"] = float(np.median([s.ttft_ms for s in samples]))
     tokens = [t for s in samples for t in s.token_ms]
+    stats = percentiles(tokens)
     decode = {"tokens_per_s": 1000.0 * len(tokens) / sum(tokens), "tokens": len(tokens),
-              **percentiles(tokens)}
+              # 1000 / median latency: robust to stalls on a busy machine (tokens_per_s is not)
+              "tokens_per_s_p50": 1000.0 / stats["p50_ms"], **stats}
     contexts = [int(c) for c in by_context]
     growth = (by_context[str(max(contexts))]["p50_ms"] / by_context[str(min(contexts))]["p50_ms"]
               if len(contexts) > 1 else 1.0)

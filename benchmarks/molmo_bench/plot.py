@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from molmo_bench.report import STAGE_LABELS
 from molmo_runtime.errors import require
 from molmo_runtime.fileio import atomic_path
+
+from molmo_bench.report import STAGE_LABELS
 
 COLORS = {"preprocess": "#9e9e9e", "vision": "#1f77b4", "connector": "#ff7f0e",
           "prefill": "#2ca02c"}

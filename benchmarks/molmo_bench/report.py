@@ -18,10 +18,23 @@ def with_bandwidth(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: floa
     return stack
 
 
+def busy_warnings(machine: dict[str, Any]) -> list[str]:
+    """A warning when other work shared the CPU (1-min load above the logical core count)."""
+    loads = [lv[0] for lv in (machine.get("load_average_start"), machine.get("load_average_end"))
+             if lv]
+    cores = machine.get("logical_cores") or 1
+    if loads and max(loads) > cores:
+        return [(f"the machine was busy (1-min load average up to {max(loads):.1f} on {cores} "
+                 "logical cores): other processes shared the CPU, so latencies are inflated and "
+                 "noisy; rerun on an idle machine for reference numbers")]
+    return []
+
+
 def speedups(runtime: dict[str, Any], torch: dict[str, Any]) -> dict[str, Any]:
     """> 1 means the runtime is faster than the PyTorch reference."""
     return {
         "decode": runtime["decode"]["tokens_per_s"] / torch["decode"]["tokens_per_s"],
+        "decode_p50": torch["decode"]["p50_ms"] / runtime["decode"]["p50_ms"],
         "ttft": torch["ttft_ms"]["total"] / runtime["ttft_ms"]["total"],
         "ttft_stages": {s: torch["ttft_ms"][s] / runtime["ttft_ms"][s]
                         for s in STAGE_LABELS if runtime["ttft_ms"][s] > 0.01},
@@ -43,7 +56,7 @@ def _rows(stack: dict[str, Any]) -> list[str]:
     t, d = stack["ttft_ms"], stack["decode"]
     rows = [_fmt(t["total"])]
     rows += [_fmt(t[s], 2 if t[s] < 10 else 1) for s in STAGE_LABELS]
-    rows += [_fmt(d["tokens_per_s"], 2),
+    rows += [_fmt(d["tokens_per_s"], 2), _fmt(d["tokens_per_s_p50"], 2),
              f"{_fmt(d['p50_ms'])} / {_fmt(d['p90_ms'])} / {_fmt(d['p99_ms'])}"]
     rows += [_fmt(ms, 2) for ms in stack["decode_step_ms_by_context"].values()]
     rows += [_fmt(stack["context_growth"], 2) + "×", _fmt(stack["peak_rss_mb"]),
@@ -62,7 +75,8 @@ def markdown(report: dict[str, Any]) -> str:
     labels = (["**TTFT total** (ms)"]
               + [f"· {STAGE_LABELS[s]} (ms)" for s in ("preprocess", "vision", "connector")]
               + [f"· prefill, {report['prefill_tokens']} tokens (ms)",
-                 "**decode** tokens/s", "per-token latency p50 / p90 / p99 (ms)"]
+                 "**decode** tokens/s", "decode tokens/s at median latency",
+                 "per-token latency p50 / p90 / p99 (ms)"]
               + [f"decode step at context {c} (ms, median)" for c in ctxs]
               + [f"step growth, context {ctxs[-1]} / {ctxs[0]}", "peak RSS (MB)",
                  "bandwidth fraction of decode"])
@@ -79,28 +93,30 @@ def markdown(report: dict[str, Any]) -> str:
         ratio = ([_fmt(sp["ttft"], 2) + "×"]
                  + [_fmt(sp["ttft_stages"].get(s), 2) + "×" if s in sp["ttft_stages"] else "–"
                     for s in STAGE_LABELS]
-                 + [_fmt(sp["decode"], 2) + "×", ""]
+                 + [_fmt(sp["decode"], 2) + "×", _fmt(sp["decode_p50"], 2) + "×", ""]
                  + [_fmt(v, 2) + "×" for v in sp["decode_step_by_context"].values()]
                  + ["", "", ""])
         columns.append(ratio)
     lines = [f"#### molmo-bench: {name}", "",
-             f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
-             f"logical cores{' (VM)' if m['virtualized'] else ''}, {m['memory_gb']} GB RAM, "
-             f"{gpus}; {m['os']}; {lib_text}",
-             f"- load average (1 min) at start / end: {_load(m, 'load_average_start')} / "
-             f"{_load(m, 'load_average_end')}",
+             (f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
+              f"logical cores{' (VM)' if m['virtualized'] else ''}, {m['memory_gb']} GB RAM, "
+              f"{gpus}; {m['os']}; {lib_text}"),
+             (f"- load average (1 min) at start / end: {_load(m, 'load_average_start')} / "
+              f"{_load(m, 'load_average_end')}"),
              f"- date: {report['date_utc']}",
              f"- command: `{report['command']}`",
-             f"- inputs: {_inputs_text(inp)}; {st['new_tokens']} new tokens; "
-             f"{st['runs']} runs after {st['warmup']} warm-up(s); medians over runs, percentiles "
-             "over all decode tokens", "", header, rule]
+             (f"- inputs: {_inputs_text(inp)}; {st['new_tokens']} new tokens; "
+              f"{st['runs']} runs after {st['warmup']} warm-up(s); medians over runs, "
+              "percentiles over all decode tokens"),
+             *(f"- **warning**: {w}" for w in report.get("warnings", [])),
+             "", header, rule]
     for i, label in enumerate(labels):
         lines.append(f"| {label} | " + " | ".join(col[i] for col in columns) + " |")
     bw = report["bandwidth"]
-    lines += ["", f"Read bandwidth {bw['read_gb_per_s']:.1f} GB/s (numpy probe); decoder "
-              f"weights {report['weight_bytes'] / 1e6:,.0f} MB read per token (embedding gather "
-              f"excluded) → bandwidth bound {report['bandwidth_bound_tokens_per_s']:.2f} "
-              "tokens/s."]
+    lines += ["", (f"Read bandwidth {bw['read_gb_per_s']:.1f} GB/s (numpy probe); decoder "
+                   f"weights {report['weight_bytes'] / 1e6:,.1f} MB read per token (embedding "
+                   "gather excluded) → bandwidth bound "
+                   f"{report['bandwidth_bound_tokens_per_s']:,.1f} tokens/s.")]
     return "\n".join(lines) + "\n"
 
 

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from molmo_bench.inputs import BenchInputs
-from molmo_bench.measure import BenchSettings, bench_stack
 from molmo_runtime.backends.base import Backend, cache_shape
 from molmo_runtime.errors import InputError, MolmoError, require
 from molmo_runtime.graph_io import GraphDims
 from molmo_runtime.manifest import Manifest, load_manifest
 from molmo_runtime.pipeline import MolmoPipeline
+
+from molmo_bench.inputs import BenchInputs
+from molmo_bench.measure import BenchSettings, bench_stack
 
 
 class TorchBackend(Backend):
@@ -45,13 +45,15 @@ class TorchBackend(Backend):
 
     def vision(self, images: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            return self.model.vision(self.torch.from_numpy(images)).numpy()
+            features: np.ndarray = self.model.vision(self.torch.from_numpy(images)).numpy()
+        return features
 
     def connector(self, image_features: np.ndarray, image_masks: np.ndarray) -> np.ndarray:
         t = self.torch
         with t.inference_mode():
-            return self.model.connector(t.from_numpy(image_features),
-                                        t.from_numpy(image_masks)).numpy()
+            tokens: np.ndarray = self.model.connector(t.from_numpy(image_features),
+                                                      t.from_numpy(image_masks)).numpy()
+        return tokens
 
     def start(self, batch: int) -> None:
         if not self._cache or self._cache[0].shape[0] != batch:
@@ -86,7 +88,8 @@ class TorchBackend(Backend):
                 cache[2 * i + 1][:, :, past:past + seq] = v
             logits = lm.lm_head(hidden[:, -1])  # [B, V]
         self._length = past + seq
-        return logits.numpy()
+        out: np.ndarray = logits.numpy()
+        return out
 
 
 def decoder_weight_bytes(model: Any) -> int:
@@ -128,7 +131,7 @@ def run_torch_reference(artifact_dir: str, torch_model: str | None, inputs: Benc
     _check_same_weights(model, manifest, checkpoint)
     processor = None
     if inputs.kind == "image":
-        from molmo_runtime.processing import MolmoProcessor
+        from molmo_runtime.processing import MolmoProcessor  # type: ignore[import-not-found, unused-ignore]
 
         processor = MolmoProcessor.from_pretrained(Path(artifact_dir))
     pipe = MolmoPipeline(manifest, TorchBackend(model, manifest.dims), processor)

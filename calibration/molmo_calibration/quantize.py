@@ -34,6 +34,7 @@ from molmo_calibration.evaluate import (
 )
 from molmo_calibration.ort_quant import quantize_for_ort
 from molmo_calibration.qdq import quantize_qdq_int8, strip_activation_qdq
+from molmo_calibration.smoothquant import smooth_model
 from molmo_calibration.recipes import RECIPES, Method, Target, TargetRecipe
 from molmo_calibration.report import (
     DecoderStats,
@@ -163,6 +164,10 @@ class _Job:
         if method == "qdq-int8":
             quantize_qdq_int8(src, dest, feeds or [])
             self.w8a8[graph] = dest
+        elif method == "qdq-int8-smoothquant":
+            smoothed = self.scratch / "smoothed" / dest.name
+            smooth_model(src, smoothed, feeds or [])
+            quantize_qdq_int8(smoothed, dest, feeds or [])
         elif method == "qdq-int8-weight-only":
             # the weights are those of the W8A8 graph; its activation Q/DQ pairs are dropped
             if graph not in self.w8a8:

@@ -4,7 +4,8 @@ ORT CPU targets use what ORT's CPU kernels make fast: static QDQ INT8 runs ~10x 
 there, while dynamic INT8 (MatMulInteger) and weight-only MatMulNBits run 2-3x faster.
 The TensorRT target gets QDQ graphs (explicit quantization): only the weight MatMuls are
 quantized, so LayerNorm, softmax (and the attention matmuls around it) and residual adds stay in
-float. Its decoder is chosen between W8A8 and weight-only INT8 by measured quality.
+float. Its decoder is chosen between SmoothQuant W8A8 (preferred: int8 tensor-core matmuls) and
+weight-only INT8 by measured quality.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ Method = Literal[
     "int8-weight-only-nbits",  # MatMulNBits bits=8, blockwise symmetric, int8 compute
     "int4-weight-only-nbits",  # MatMulNBits bits=4, blockwise symmetric, int8 compute
     "qdq-int8",  # static QDQ W8A8 for TensorRT, per-channel weights, calibrated activations
+    "qdq-int8-smoothquant",  # the same after SmoothQuant (activation outliers moved to weights)
     "qdq-int8-weight-only",  # DequantizeLinear on per-channel int8 weights only
 ]
 
@@ -65,6 +67,7 @@ RECIPES: dict[str, TargetRecipe] = {
                              lm_head="int8-weight-only-nbits")}),
     "trt-int8-qdq": TargetRecipe("trt-int8-qdq", "trt-int8", "int8", {
         VISION_ENCODER: GraphRecipe(("qdq-int8",)), CONNECTOR: GraphRecipe(("qdq-int8",)),
-        DECODER: GraphRecipe(("qdq-int8", "qdq-int8-weight-only"))}, qdq_dir="onnx/qdq"),
+        DECODER: GraphRecipe(("qdq-int8-smoothquant", "qdq-int8-weight-only"))},
+        qdq_dir="onnx/qdq"),
 }
 TARGETS: tuple[str, ...] = tuple(RECIPES)

@@ -80,6 +80,10 @@ class DecoderStats:
     kl_max: float
     greedy_prefix: float
     greedy_exact: float
+    # Where top-1 flips, how close fp32's own top-2 was: flips only at near-ties (gap below the
+    # typical logit error) are rounding noise on a flat distribution (random weights), not damage.
+    flip_gap_max: float  # largest fp32 top-1/top-2 logit gap among disagreeing positions
+    logit_err_median: float  # median over positions of max |logit_fp32 - logit_quantized|
 
 
 @dataclass(frozen=True)
@@ -107,15 +111,20 @@ def compare(ref: list[Trace], forced: list[Trace], free: list[Trace],
     ref_rows = np.concatenate([r.step_logits for r in ref])  # [positions, vocab]
     forced_rows = np.concatenate([f.step_logits for f in forced])
     kl = metrics.kl_divergence(ref_rows, forced_rows)
+    agree = metrics.top1_agreement(ref_rows, forced_rows)
+    top2 = np.sort(ref_rows, axis=-1)[:, -2:]
+    gaps = top2[:, 1] - top2[:, 0]  # [positions]
     prefix = [metrics.common_prefix_fraction(r.token_ids, g.token_ids) for r, g in zip(ref, free)]
     decoder = DecoderStats(
         samples=len(ref), positions=int(ref_rows.shape[0]),
         prefill_top1=float(np.mean([metrics.top1_agreement(r.step_logits[0], f.step_logits[0])
                                     for r, f in zip(ref, forced)])),
-        top1=float(metrics.top1_agreement(ref_rows, forced_rows).mean()),
+        top1=float(agree.mean()),
         kl_mean=float(kl.mean()), kl_max=float(kl.max()),
         greedy_prefix=float(np.mean(prefix)),
-        greedy_exact=float(np.mean([p == 1.0 for p in prefix])))
+        greedy_exact=float(np.mean([p == 1.0 for p in prefix])),
+        flip_gap_max=float(gaps[agree == 0].max()) if (agree == 0).any() else 0.0,
+        logit_err_median=float(np.median(np.abs(ref_rows - forced_rows).max(axis=-1))))
     per_sample = [SampleResult(
         name=n,
         vision_cosine=None if r.features is None else metrics.cosine(r.features, f.features),
@@ -191,7 +200,10 @@ class QualityReport:
                   f"{d.kl_max:.3g} | |",
                   f"| greedy tokens reproduced before first difference | {d.greedy_prefix:.2%} "
                   "| |",
-                  f"| greedy sequences identical | {d.greedy_exact:.2%} | |"]
+                  f"| greedy sequences identical | {d.greedy_exact:.2%} | |",
+                  f"| largest fp32 top-1/top-2 logit gap where top-1 differs | "
+                  f"{d.flip_gap_max:.3g} | |",
+                  f"| median of max \\|Δlogit\\| per position | {d.logit_err_median:.3g} | |"]
         if self.candidates:
             lines += ["", "Decoder candidates measured (the first that meets the thresholds "
                       "is used):", "", "| decoder method | top-1 | KL mean | greedy prefix |",

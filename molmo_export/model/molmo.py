@@ -1,8 +1,8 @@
 """MolmoForConditionalGeneration: vision tower + connector + decoder (spec §5).
 
-    ids ──embed──────────────────────────────┐
-    images ─► MolmoVisionModel ─► MolmoConnector ─► + at image_input_idx ─► MolmoForCausalLM ─► logits
-                [crops,576,F]        [crops,144,D]      (ADDED to <im_patch> embeddings)
+    ids ──► embed_tokens ─────────────────────────────────┐
+    images ─► MolmoVisionModel ─► MolmoConnector ─► + at image_input_idx ─► MolmoForCausalLM
+                [crops,576,F]        [crops,144,D]    (ADDED to the <im_patch> embeddings)
 """
 
 from __future__ import annotations

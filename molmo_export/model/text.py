@@ -38,7 +38,8 @@ class TextAttention(nn.Module):
     def __init__(self, cfg: MolmoTextConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv = cfg.num_heads, cfg.num_kv_heads
-        d, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        d = cfg.hidden_size
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wq = nn.Linear(d, q_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(d, kv_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(d, kv_dim, bias=cfg.qkv_bias)

@@ -62,8 +62,10 @@ class BuildSettings:
     verbose: bool = False
 
     def record(self) -> dict[str, Any]:
+        """As stored in the build record (JSON types)."""
         d = asdict(self)
         d["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
+        d["tactic_sources"] = list(self.tactic_sources) if self.tactic_sources else None
         return d
 
 
@@ -184,7 +186,8 @@ def engine_from_onnx(onnx_path: Path, plan_path: Path, profiles: list[NamedProfi
     if serialized is None:
         raise EngineBuildError(
             f"TensorRT {trt.__version__} failed to build an engine from {onnx_path.name} "
-            "(see the TensorRT log above; --workspace-gb or a smaller --max-seq-len may help)")
+            "(see the TensorRT log above; a larger workspace_gb, or a smaller max_prompt_len or "
+            "export --max-seq-len, may help)")
     if settings.timing_cache is not None:
         _save_timing_cache(config, settings.timing_cache)
     with atomic_open(plan_path, "wb") as f:
@@ -194,8 +197,12 @@ def engine_from_onnx(onnx_path: Path, plan_path: Path, profiles: list[NamedProfi
 
 # -- the whole build -------------------------------------------------------------------------------
 
-def _say(progress: Progress | None) -> Progress:
-    return progress if progress is not None else (lambda _msg: None)
+def _say(progress: Progress | bool | None) -> Progress:
+    """progress: a callable taking each message, True (print them) or False/None (silent)."""
+    if callable(progress):
+        return progress
+    return (lambda msg: print(f"molmo-export: {msg}", flush=True)) if progress else (
+        lambda _msg: None)
 
 
 def build_engines(
@@ -209,7 +216,7 @@ def build_engines(
     max_batch: int = 1,
     max_prompt_len: int | None = None,
     graphs: Sequence[str] | None = None,
-    progress: Progress | None = None,
+    progress: Progress | bool | None = None,
     machine: MachineInfo | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build engines/<graph>.plan for every graph and record them in the manifest.

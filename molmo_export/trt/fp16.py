@@ -18,8 +18,8 @@ it. Precision is decided per node:
                 far outside fp16 precision beyond a few hundred positions)
       rope      applying cos/sin: the Mul nodes taking cos/sin and the Add/Sub joining them
       residual  (option) residual-stream Adds that feed a norm
-      qdq       Q/DQ nodes whose scales do not fit fp16, or in opset < 19 graphs (where
-                Quantize/DequantizeLinear take float32 only)
+      qdq       Q/DQ nodes whose scales do not fit fp16, or in opset < 18 graphs (Q/DQ take
+                float32 only before opset 19; an opset-18 graph with Q/DQ is raised to 19)
 
 A Cast is inserted on every edge where producer and consumer precision differ; constants are
 converted (values beyond fp16 range are clipped, and counted) or duplicated when both
@@ -64,7 +64,16 @@ _SCORE_CHAIN_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Max", "Min", "
 # Ops whose inputs may be of any type: never insert a Cast in front of them.
 _ANY_INPUT_OPS = {"Cast", "Shape", "Size"}
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+_QUANTIZE_OPS = {"QuantizeLinear", "DynamicQuantizeLinear"}
 _CHAIN_DEPTH = 8
+_INLINE_FOR_INFERENCE = 4096  # elements
+
+
+def _numel(t: TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ ArrayLoader = Callable[[TensorProto], np.ndarray]
 class _Graph:
     """Index of one graph: producers, consumers, tensor types and classes."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, load: ArrayLoader) -> None:
         g = model.graph
         self.nodes = list(g.node)
         self.inits = {t.name: t for t in g.initializer}
@@ -121,7 +130,7 @@ class _Graph:
             for k, name in enumerate(n.input):
                 if name:
                     self.consumers[name].append((i, k))
-        self.types = _tensor_types(model)
+        self.types = _tensor_types(model, load)
         self.klass = self._classify()
 
     def _classify(self) -> dict[str, str]:
@@ -133,8 +142,11 @@ class _Graph:
             ins = {klass.get(x, ACT) for x in n.input if x}
             k = ACT if ACT in ins else INDEX if INDEX in ins else CONST
             for o in n.output:
-                # An integer tensor derived from activations (Shape, ArgMax...) is index data.
-                klass[o] = INDEX if k == ACT and self.types.get(o) not in FLOAT_TYPES else k
+                # An integer tensor derived from activations (Shape, ArgMax...) is index data;
+                # quantized activations are still activations.
+                quantized = n.op_type in _QUANTIZE_OPS
+                klass[o] = (INDEX if k == ACT and not quantized
+                            and self.types.get(o) not in FLOAT_TYPES else k)
         return klass
 
     def is_float(self, name: str) -> bool:
@@ -145,8 +157,20 @@ class _Graph:
         return any(self.is_float(x) for x in (*n.input, *n.output) if x)
 
 
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+def _tensor_types(model: onnx.ModelProto, load: ArrayLoader) -> dict[str, int]:
+    """Element type of every tensor, by ONNX shape inference.
+
+    Inference needs the values of shape-like constants (Reshape shapes, Unsqueeze axes): those
+    stored as external data are loaded inline in the copy inferred on (they are small; float
+    weights, the bulk, stay external and only their declared type and dims are used).
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for t in probe.graph.initializer:
+        external = t.data_location == TensorProto.EXTERNAL
+        if external and (t.data_type not in FLOAT_TYPES or _numel(t) <= _INLINE_FOR_INFERENCE):
+            t.CopyFrom(numpy_helper.from_array(load(t), t.name))
+    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
     types: dict[str, int] = {}
     g = inferred.graph
     for vi in (*g.input, *g.output, *g.value_info):
@@ -284,8 +308,8 @@ def plan_fp16(model: onnx.ModelProto, policy: Fp16Policy,
               load: ArrayLoader | None = None) -> dict[int, str]:
     """Node index -> island kind for every node that stays fp32 (all others run in fp16)."""
     _check_supported(model)
-    gr = _Graph(model)
     load = load or numpy_helper.to_array
+    gr = _Graph(model, load)
     kinds: dict[int, str] = {}
 
     def mark(nodes: Iterable[int], kind: str) -> None:
@@ -309,6 +333,21 @@ def plan_fp16(model: onnx.ModelProto, policy: Fp16Policy,
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _qdq_opset_19(model: onnx.ModelProto) -> bool:
+    """Raise an opset-18 graph with Q/DQ nodes to opset 19, where Q/DQ take fp16 scales.
+
+    Safe for 18 -> 19 only: every op that changed in 19 (Cast, CastLike, Constant, Equal,
+    Identity, If, Loop, Pad, Q/DQ, Reshape, Scan, Shape, Size) gained types or attributes with
+    defaults that keep opset-18 behaviour. Returns whether the opset was changed.
+    """
+    if _opset(model) != 18 or not any(n.op_type in _QDQ_OPS for n in model.graph.node):
+        return False
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 19
+    return True
 
 
 def _check_supported(model: onnx.ModelProto) -> None:
@@ -367,7 +406,7 @@ class TensorStore:
 
 def _rewrite(model: onnx.ModelProto, kinds: dict[int, str], policy: Fp16Policy,
              load: ArrayLoader, store: TensorStore) -> Fp16Report:
-    gr = _Graph(model)
+    gr = _Graph(model, load)
     g = model.graph
     report = Fp16Report()
     for i, kind in sorted(kinds.items()):
@@ -540,6 +579,7 @@ def convert_model_to_fp16(model: onnx.ModelProto, policy: Fp16Policy = Fp16Polic
     out.CopyFrom(model)
     _constants_to_initializers(out)
     _name_nodes(out)
+    _qdq_opset_19(out)
     kinds = plan_fp16(out, policy)
     report = _rewrite(out, kinds, policy, numpy_helper.to_array, TensorStore())
     return out, report
@@ -557,6 +597,7 @@ def convert_file_to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str
 
     _constants_to_initializers(model)
     _name_nodes(model)
+    _qdq_opset_19(model)
     kinds = plan_fp16(model, policy, load)
     store = TensorStore(dst.with_name(dst.name + ".data"))
     try:

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from molmo_runtime.errors import InputError
 from molmo_runtime.image_io import DEFAULT_MAX_IMAGE_PIXELS, ImageSource, load_image
-from molmo_runtime.resize import RESIZE_METHODS, ResizeSource, resize_into
+from molmo_runtime.resize import RESIZE_METHODS, ResizeSource, Workspace, resize_into
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,6 +155,9 @@ class MolmoImageProcessor:
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     resize_method: str = "torch-bilinear"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Scratch arrays reused between calls (not a setting; see resize.Workspace).
+    _workspace: Workspace = field(default_factory=Workspace, init=False, repr=False,
+                                  compare=False)
 
     def __post_init__(self) -> None:
         def as_tuple(name: str, n: int, kind: type) -> None:
@@ -236,6 +241,15 @@ class MolmoImageProcessor:
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kwargs)
 
+    def save_to_artifact(self, artifact_dir: str | os.PathLike[str]) -> None:
+        """Write ``processor.json`` (these settings only; ``MolmoProcessor.save_to_artifact``
+        adds the prompt format and the tokenizer), atomically."""
+        from molmo_runtime.fileio import write_json_atomic
+
+        write_json_atomic(Path(artifact_dir) / "processor.json", {
+            "processor_class": "MolmoImageProcessor", "schema_version": 1,
+            "image_processor": self.to_dict()})
+
     # --- geometry ----------------------------------------------------------------------------
 
     @property
@@ -317,7 +331,7 @@ class MolmoImageProcessor:
         """
         arr = self.load(image)
         plan = self.plan(arr.shape[0], arr.shape[1])
-        src = ResizeSource(arr)  # the float32 conversion is shared by both resizes
+        src = ResizeSource(arr, self._workspace)  # float32 conversion shared by both resizes
         size = self._crop_size
         p = self.image_patch_size
         n_patch = size // p
@@ -325,18 +339,24 @@ class MolmoImageProcessor:
 
         # Global crop (crop 0).
         glob = self._resize_pad_normalize(src, (size, size), plan.global_resized,
-                                          plan.global_offset)
+                                          plan.global_offset, "global")
         _patchify(glob, images[0], p)
-        # High-res crops 1..rows*cols, row-major, stride = window.
-        canvas = self._resize_pad_normalize(src, plan.canvas, plan.resized, plan.offset)
         rows, cols = plan.tiling
-        window_px = self._window_patches * p
-        k = 1
-        for i in range(rows):
-            for j in range(cols):
-                y0, x0 = i * window_px, j * window_px
-                _patchify(canvas[y0:y0 + size, x0:x0 + size], images[k], p)
-                k += 1
+        if (rows, cols) == (1, 1) and plan.canvas == (size, size):
+            # A single high-res crop is the same resize of the same image into the same
+            # canvas as the global crop (identical computation): reuse it.
+            images[1] = images[0]
+        else:
+            # High-res crops 1..rows*cols, row-major, stride = window.
+            canvas = self._resize_pad_normalize(src, plan.canvas, plan.resized, plan.offset,
+                                                "canvas")
+            window_px = self._window_patches * p
+            k = 1
+            for i in range(rows):
+                for j in range(cols):
+                    y0, x0 = i * window_px, j * window_px
+                    _patchify(canvas[y0:y0 + size, x0:x0 + size], images[k], p)
+                    k += 1
 
         out: dict[str, Any] = {"images": images}
         if self.image_padding_mask:
@@ -346,10 +366,11 @@ class MolmoImageProcessor:
         return out
 
     def _resize_pad_normalize(self, src: ResizeSource, canvas: tuple[int, int],
-                              resized: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
+                              resized: tuple[int, int], offset: tuple[int, int],
+                              role: str) -> np.ndarray:
         """The official resize_and_pad + normalisation: float32 [canvas_h, canvas_w, 3]."""
         (ch, cw), (rh, rw), (top, left) = canvas, resized, offset
-        out = np.empty((ch, cw, 3), dtype=np.float32)
+        out = self._workspace.get(role, (ch, cw, 3))  # scratch: valid until the next call
         mean = std = None
         pad_value = np.zeros(3, dtype=np.float32)
         if self.do_normalize:
@@ -357,10 +378,9 @@ class MolmoImageProcessor:
             std = np.asarray(self.image_std, dtype=np.float32)
             pad_value = (np.float32(0.0) - mean) / std  # padding is 0 before normalisation
         # Padding strips around the resized area, then the resized, clipped, normalised image.
-        out[:top] = pad_value
-        out[top + rh:] = pad_value
-        out[top:top + rh, :left] = pad_value
-        out[top:top + rh, left + rw:] = pad_value
+        for strip in (out[:top], out[top + rh:], out[top:top + rh, :left],
+                      out[top:top + rh, left + rw:]):
+            _fill(strip, pad_value)
         resize_into(src, out[top:top + rh, left:left + rw], self.resize_method, mean, std)
         return out
 
@@ -439,6 +459,15 @@ class MolmoImageProcessor:
         tokens = np.concatenate([block(*plan.global_pooled), block(*plan.pooled)])
         assert tokens.shape[0] == plan.n_image_tokens
         return tokens.astype(np.int64)
+
+
+def _fill(region: np.ndarray, value: np.ndarray) -> None:
+    """region[...] = value (per channel), as [rows, cols*C] so numpy's inner loop is long."""
+    rows, cols, c = region.shape
+    if rows and cols:
+        flat = region.view()
+        flat.shape = (rows, cols * c)  # rows of a C-contiguous canvas slice stay contiguous
+        flat[...] = np.tile(value, cols)
 
 
 def _patchify(crop: np.ndarray, out: np.ndarray, p: int) -> None:

@@ -148,24 +148,24 @@ class MolmoPipeline:
         batch = {k: v[None] for k, v in inputs.items()}  # add the batch axis
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         ids: list[int] = []
-        text, finish = "", "length"
+        sent, text, finish = "", "", "length"  # sent: the prefix of `text` already yielded
         for step in self._token_steps(batch, max_new_tokens, sampler, timings):
             token = int(step[0])
             if token == self.eos_id:
                 finish = "eos"
                 break
             ids.append(token)
-            new_text = self.processor.decode(ids)
-            cut = _find_stop(new_text, stop)
+            text = self.processor.decode(ids)
+            cut = _find_stop(text, stop)
             if cut is not None:
-                new_text, finish = new_text[:cut], "stop"
-            if new_text.endswith("\ufffd") and finish != "stop":
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            if len(new_text) > len(text) and new_text.startswith(text):
-                yield new_text[len(text):]
-            text = new_text
-            if finish == "stop":
+                text, finish = text[:cut], "stop"
                 break
+            if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield text[len(sent):]
+                sent = text
+        if text.startswith(sent) and len(text) > len(sent):
+            yield text[len(sent):]
         points: list[Any] = []
         if width is not None and height is not None:
             from molmo_runtime.points import parse_points

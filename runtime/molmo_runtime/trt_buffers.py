@@ -87,8 +87,8 @@ def select_profile(profiles: Sequence[Mapping[str, ShapeRange]],
         got = ", ".join(f"{n} {tuple(s)}" for n, s in shapes.items())
         raise InputError(
             f"{graph}: shapes {got} are outside the engine's optimization profiles ({limits}); "
-            "shorten the input or rebuild the engines with larger limits "
-            "(molmo-export --target trt-fp16 --from-onnx OUT --max-seq-len/--max-batch)")
+            "shorten the input, or rebuild the engines with larger limits (build_engines "
+            "max_batch / max_prompt_len; the cache length is the export's --max-seq-len)")
     return min(fitting, key=lambda i: (sum(volume(r[2]) for r in profiles[i].values()), i))
 
 

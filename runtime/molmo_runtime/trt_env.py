@@ -22,7 +22,7 @@ from molmo_runtime.errors import EngineMismatchError
 
 MIN_TENSORRT = (10, 3)  # JetPack 6.1/6.2 ships 10.3; strongly typed networks + enqueueV3 I/O API
 L4T_RELEASE_FILE = Path("/etc/nv_tegra_release")
-REBUILD_HINT = "rebuild on this device: molmo-export --target {target} --from-onnx {out}"
+REBUILD_HINT = "rebuild on this device: molmo-export --target {target} --from-onnx --out {out}"
 GETTING_TENSORRT = ("pip install 'molmo-export[trt]' on x86-64 Linux with an NVIDIA driver; "
                     "JetPack 6 on Jetson (it ships TensorRT)")
 
@@ -82,14 +82,19 @@ def collect_machine_info(device: int = 0) -> MachineInfo:
 
 # -- what is missing -------------------------------------------------------------------------------
 
-def _tensorrt_version() -> str | None:
-    """tensorrt.__version__, or None when the module is absent or does not load."""
+def tensorrt_version() -> str | None:
+    """tensorrt.__version__, or None when the module is absent or does not load.
+
+    A `tensorrt` folder holding only type stubs (tensorrt-stubs) imports as an empty namespace
+    package without __version__: that is "no tensorrt" too.
+    """
     if importlib.util.find_spec("tensorrt") is None:
         return None
     try:
-        return str(importlib.import_module("tensorrt").__version__)
+        version = getattr(importlib.import_module("tensorrt"), "__version__", None)
     except Exception:  # a broken install (missing libnvinfer) is "no tensorrt" to the user
         return None
+    return str(version) if version is not None else None
 
 
 def _gpu_reason() -> str:
@@ -102,7 +107,7 @@ def _gpu_reason() -> str:
 
 
 def missing_for_tensorrt(
-    trt_version: Callable[[], str | None] = _tensorrt_version,
+    trt_version: Callable[[], str | None] = tensorrt_version,
     gpu_reason: Callable[[], str] = _gpu_reason,
 ) -> list[str]:
     """What this machine lacks for TensorRT engines; empty when nothing. Probes are injectable."""

@@ -198,3 +198,30 @@ def test_toy_quality_is_measured_not_assumed(quantized: Quantized, target: str) 
         # int4 on random weights is well below the int8 gate (measured ~79%); it must still
         # be far better than chance (1/300) and keep the KL bounded.
         assert d.top1 >= 0.5 and d.kl_mean < 0.2
+
+
+@pytest.mark.parametrize("graph", [VISION_ENCODER, DECODER])
+def test_smoothquant_transform_is_exact_in_float(toy_artifact: Path, tmp_path: Path,
+                                                 graph: str) -> None:
+    from molmo_calibration.evaluate import KVCache
+    from molmo_calibration.smoothquant import smooth_model
+
+    m = load_manifest(toy_artifact)
+    runner = _runner(m, {n: g.file for n, g in m.graphs.items()})
+    s = synthetic_sample(3, "calibration", crops=2)
+    if graph == VISION_ENCODER:
+        feed = {"images": s.images}
+    else:
+        embeds = runner.embed(s.input_ids, None, None)
+        feed = runner.decoder_feed(embeds, KVCache.empty(m.dims, embeds.shape[1]))
+    # activations with outlier channels, as LLMs have, so the scales are far from 1
+    groups = smooth_model(m.path(m.graphs[graph].file), tmp_path / "smoothed.onnx",
+                          [{k: v * 30.0 if k in ("images", "inputs_embeds") else v
+                            for k, v in feed.items()}])
+    assert groups == (4 * TOY.vit_layers + 1 if graph == VISION_ENCODER else 4 * TOY.layers + 1)
+    onnx.checker.check_model(str(tmp_path / "smoothed.onnx"), full_check=True)
+    ref = runner.sessions[graph].run(None, feed)
+    got = ort.InferenceSession(str(tmp_path / "smoothed.onnx")).run(None, feed)
+    for r, g in zip(ref, got):
+        # X W == (X / s)(s W) up to float rounding: relative 1e-5 of the output scale
+        np.testing.assert_allclose(g, r, atol=1e-5 * float(np.abs(r).max()) + 1e-6)

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from molmo_export import MolmoForConditionalGeneration, get_preset  # noqa: E402
-from molmo_export.checkpoint import build_plan, scan_checkpoint  # noqa: E402
-from molmo_export.config import CheckpointError, config_from_checkpoint  # noqa: E402
-from tests.conftest import golden_path  # noqa: E402
+from molmo_export import MolmoForConditionalGeneration, get_preset
+from molmo_export.checkpoint import build_plan, scan_checkpoint
+from molmo_export.config import CheckpointError, config_from_checkpoint
+from tests.conftest import golden_path
 
 
 def copy_golden(name: str, dst: Path, weights: bool = True) -> Path:
@@ -177,7 +177,7 @@ def test_loader_holds_one_tensor_at_a_time(monkeypatch: pytest.MonkeyPatch) -> N
             self.f.__enter__()
             return self
 
-        def __exit__(self, *a: Any) -> None:
+        def __exit__(self, *a: object) -> None:
             self.f.__exit__(*a)
 
         def __getattr__(self, name: str) -> Any:

@@ -149,6 +149,9 @@ def test_missing_field(tmp_path: Path) -> None:
 def test_missing_folder_and_config(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         config_from_checkpoint(tmp_path / "nope")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is a file; pass the checkpoint folder"):
+        config_from_checkpoint(tmp_path / "weights.safetensors")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"config\.json not found"):
         config_from_checkpoint(tmp_path / "empty")

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-from safetensors import safe_open  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
+from safetensors import safe_open
+from tokenizers import Tokenizer
 
-from molmo_export import MolmoForConditionalGeneration, get_preset  # noqa: E402
-from molmo_export.config import PRESETS, MolmoTextConfig, config_from_checkpoint  # noqa: E402
-from molmo_export.demo import MARKER, materialize_preset, write_checkpoint  # noqa: E402
-from molmo_runtime.errors import InputError  # noqa: E402
-from molmo_runtime.fileio import sha256_file  # noqa: E402
-from tests.conftest import golden_path  # noqa: E402
+from molmo_export import MolmoForConditionalGeneration, get_preset
+from molmo_export.config import PRESETS, MolmoTextConfig, config_from_checkpoint
+from molmo_export.demo import MARKER, materialize_preset, write_checkpoint
+from molmo_runtime.errors import InputError
+from molmo_runtime.fileio import sha256_file
+from tests.conftest import golden_path
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from molmo_export import MolmoForConditionalGeneration, get_preset  # noqa: E402
-from molmo_export.config import MolmoTextConfig  # noqa: E402
-from molmo_export.demo import materialize_preset  # noqa: E402
-from molmo_export.model.generation import (  # noqa: E402
+from molmo_export import MolmoForConditionalGeneration, get_preset
+from molmo_export.config import MolmoTextConfig
+from molmo_export.demo import materialize_preset
+from molmo_export.model.generation import (
     apply_top_k,
     apply_top_p,
     decode_steps,
 )
-from molmo_runtime.errors import InputError  # noqa: E402
+from molmo_runtime.errors import InputError
 
 # Eager float32 vs itself with other shapes (chunked prefill, cached decode): different GEMM
 # shapes round differently, a few ulp at |logits| ~ 5.

@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from molmo_export import MolmoForConditionalGeneration, get_preset  # noqa: E402
-from molmo_export.config import PRESETS, MolmoConfig  # noqa: E402
+from molmo_export import MolmoForConditionalGeneration, get_preset
+from molmo_export.config import PRESETS, MolmoConfig
 
 
 def spec_count(cfg: MolmoConfig) -> int:

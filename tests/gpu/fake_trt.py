@@ -14,6 +14,7 @@ API names mirror TensorRT 10 (checked by mypy against the real stubs in our code
 from __future__ import annotations
 
 import bisect
+import importlib.machinery
 import json
 import types
 from collections.abc import Callable
@@ -23,7 +24,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from molmo_runtime.trt_env import MachineInfo
+
 PLAN_MAGIC = b"FAKEPLAN"
+MACHINE = MachineInfo(trt_version="10.3.0.30", cuda_runtime_version="12.6",
+                      cuda_driver_version="12.6", gpu_name="Fake GPU", compute_capability="8.7")
 _ORT_TO_TRT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64",
                "tensor(int32)": "INT32", "tensor(bool)": "BOOL"}
 _TRT_TO_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32,
@@ -220,6 +225,14 @@ class FakeConfig:
         return self.cache
 
 
+class FakeHostMemory(bytes):
+    """IHostMemory: a buffer with nbytes."""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self)
+
+
 class FakeNetwork:
     def __init__(self, flags: int) -> None:
         self.flags = flags
@@ -255,7 +268,8 @@ class Builder:
     def create_optimization_profile(self) -> FakeProfile:
         return FakeProfile()
 
-    def build_serialized_network(self, network: FakeNetwork, config: FakeConfig) -> bytes:
+    def build_serialized_network(self, network: FakeNetwork, config: FakeConfig
+                                 ) -> FakeHostMemory:
         assert network.onnx_path is not None
         model = onnx.load(network.onnx_path)  # external data resolved into the proto
         header = json.dumps({"profiles": [p.shapes for p in config.profiles]}).encode()
@@ -264,8 +278,8 @@ class Builder:
                             "pool_limits": dict(config.pool_limits),
                             "opt_level": config.builder_optimization_level,
                             "tactics": config.tactic_sources, "model": model})
-        return (PLAN_MAGIC + len(header).to_bytes(8, "little") + header
-                + model.SerializeToString())
+        return FakeHostMemory(PLAN_MAGIC + len(header).to_bytes(8, "little") + header
+                              + model.SerializeToString())
 
 
 class FakeEngine:
@@ -403,9 +417,27 @@ def make_module(cuda: FakeCuda, version: str = "10.3.0.30") -> types.ModuleType:
     _CUDA[:] = [cuda]
     Builder.log = []
     m = types.ModuleType("tensorrt")
+    m.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec() callers (dynamo)
     for name in ("Logger", "Builder", "OnnxParser", "Runtime", "TensorIOMode", "DataType",
                  "ExecutionContextAllocationStrategy", "NetworkDefinitionCreationFlag",
                  "MemoryPoolType", "TacticSource", "Dims"):
         setattr(m, name, globals()[name])
     m.__version__ = version  # type: ignore[attr-defined]
     return m
+
+
+def install(monkeypatch: Any, version: str = "10.3.0.30") -> FakeCuda:
+    """Put the fakes in place of tensorrt, cuda_api and the availability probes; returns the
+    fake device so tests can inspect memory, copies and graph launches."""
+    import sys
+
+    import molmo_export.trt.builder as builder
+    import molmo_runtime.backends.trt as backend
+    from molmo_runtime import cuda_api
+
+    cuda = FakeCuda()
+    monkeypatch.setitem(sys.modules, "tensorrt", make_module(cuda, version))
+    cuda.install(monkeypatch, cuda_api)
+    monkeypatch.setattr(builder, "require_tensorrt", lambda target="trt-fp16": None)
+    monkeypatch.setattr(backend, "missing_for_tensorrt", lambda: [])
+    return cuda

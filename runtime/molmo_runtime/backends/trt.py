@@ -80,7 +80,7 @@ from molmo_runtime.trt_env import (
 if TYPE_CHECKING:
     import tensorrt as trt
 
-BUILD_HINT = "build them on this device: molmo-export --target trt-fp16 --from-onnx {out}"
+BUILD_HINT = "build them on this device: molmo-export --target trt-fp16 --from-onnx --out {out}"
 
 
 class _DeviceBuffer:
@@ -268,6 +268,10 @@ class TrtBackend(Backend):
                                           specs[g], self._stream) for g in GRAPH_NAMES}
         self._decoder = self._runners[DECODER]
         self._kv_dtype = self._decoder.io[past_key_name(0)].dtype
+        present = self._decoder.io[present_key_name(0)].dtype
+        if present != self._kv_dtype:  # the append copies bytes: the two must agree
+            raise ArtifactError(f"decoder engine: present K/V are {present}, the cache "
+                                f"{self._kv_dtype}; " + BUILD_HINT.format(out=out))
         self._kv: KvCacheLayout | None = None
         self._kv_mem = _DeviceBuffer()
         self._scratch = _DeviceBuffer()
@@ -288,6 +292,8 @@ class TrtBackend(Backend):
     def _run_crops(self, graph: str, feeds: Mapping[str, np.ndarray], out_name: str) -> np.ndarray:
         runner = self._runners[graph]
         first = next(iter(feeds.values()))
+        if first.ndim == 0 or first.shape[0] == 0:
+            raise InputError(f"{graph}: no crops to run (got shape {first.shape})")
         parts = [runner.run({n: a[s:e] for n, a in feeds.items()})[out_name]
                  for s, e in chunks(first.shape[0], runner.max_dim(next(iter(feeds)), 0))]
         return np.concatenate(parts).astype(np.float32, copy=False)
@@ -308,7 +314,8 @@ class TrtBackend(Backend):
         max_batch = self._decoder.max_dim("inputs_embeds", 0)
         if not 1 <= batch <= max_batch:
             raise InputError(f"batch {batch} is outside 1..{max_batch} of the decoder engine; "
-                             "rebuild with a larger --max-batch")
+                             "rebuild the engines with max_batch >= "
+                             f"{batch} (molmo_export.trt.build_engines)")
         if batch != self._batch:
             self._allocate(batch)
         self._cache_len = 0
