@@ -26,7 +26,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
@@ -47,7 +47,9 @@ _HIGH_BIT_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def _pil() -> Any:
-    from PIL import Image  # a base dependency; imported on first use to keep imports cheap
+    from PIL import (
+        Image,  # a base dependency; imported on first use to keep imports cheap
+    )
 
     return Image
 
@@ -81,7 +83,7 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
         with open(path, "rb") as f:
             return _decode(f, label, max_pixels)
     if hasattr(source, "read"):
-        return _decode(source, name or "image file object", max_pixels)
+        return _decode(cast(IO[bytes], source), name or "image file object", max_pixels)
     raise InputError(
         f"unsupported image type {type(source).__name__}; pass a file path, bytes, a file object, "
         "a PIL.Image or a uint8 numpy array [H, W, 3]")
@@ -110,7 +112,7 @@ def _decode(fp: IO[bytes], label: str, max_pixels: int) -> np.ndarray:
         except Image.UnidentifiedImageError as e:
             raise InputError(f"{label}: not an image file Pillow can read (or an unsupported "
                              "format); convert it to PNG or JPEG") from e
-        except Exception as e:  # noqa: BLE001 - any header parse failure is bad input
+        except Exception as e:
             raise InputError(f"{label}: cannot read the image header ({type(e).__name__}: {e}); "
                              "the file is corrupt, re-export it as PNG or JPEG") from e
         with img:
@@ -128,7 +130,8 @@ def pil_to_rgb(img: PILImage.Image, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
 def _convert(img: PILImage.Image, label: str) -> np.ndarray:
     try:
         if img.mode in _HIGH_BIT_MODES:
-            lo, hi = img.getextrema()  # decodes the image
+            extrema = img.getextrema()  # (min, max) for these single-band modes; decodes
+            lo, hi = (float(v) for v in cast("tuple[float, float]", extrema))
             if hi > 255 or lo < 0:
                 warnings.warn(
                     f"{label}: {img.mode} image with values in [{lo}, {hi}] is clipped to 0..255 "
@@ -141,7 +144,7 @@ def _convert(img: PILImage.Image, label: str) -> np.ndarray:
     except MemoryError as e:
         raise InputError(f"{label}: out of memory decoding {img.width}x{img.height}; "
                          "downscale the image first") from e
-    except Exception as e:  # noqa: BLE001 - every decoder failure is a bad file
+    except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         hint = ("the file is truncated or corrupt; re-download or re-export it"
                 if isinstance(e, (OSError, SyntaxError, EOFError)) else

@@ -127,7 +127,7 @@ def _mask_fraction_table(patch: int) -> np.ndarray:
     pixels (computed with the very numpy reduction the official code uses)."""
     n = patch * patch
     rows = np.tri(n + 1, n, -1, dtype=bool)[:, ::-1]  # row k has k True entries
-    table = rows.astype(np.float32).mean(axis=-1)
+    table: np.ndarray = np.asarray(rows.astype(np.float32).mean(axis=-1), dtype=np.float32)
     table.setflags(write=False)
     return table
 
@@ -398,7 +398,8 @@ class MolmoImageProcessor:
 
         def covered(crop_start: int, lo: int, hi: int) -> np.ndarray:
             a = crop_start + starts
-            return np.clip(np.minimum(a + p, hi) - np.maximum(a, lo), 0, p)  # [n_patch]
+            n: np.ndarray = np.clip(np.minimum(a + p, hi) - np.maximum(a, lo), 0, p)
+            return n  # [n_patch] pixel rows (or columns) of each patch inside the image
 
         masks = np.full((plan.n_crops, n_patch * n_patch), -1.0, dtype=np.float32)
         k = 0
@@ -414,7 +415,7 @@ class MolmoImageProcessor:
         """[crops, 144] int32: token position (in the image block) fed by each pooled feature,
         or -100. Closed form of the official double permutation (spec §6.8)."""
         gh, gw = plan.global_pooled
-        r_tot, c_tot = plan.pooled
+        c_tot = plan.pooled[1]
         left, right = self.overlap_margins
         n_pool = (self._crop_size // self.image_patch_size + 1) // 2  # 12
         rows, cols = plan.tiling
@@ -489,6 +490,12 @@ def _default_processor(max_crops: int) -> MolmoImageProcessor:
 
 
 __all__ = [
-    "CropPlan", "ImageTokenIds", "MolmoImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
-    "fit_size", "image_token_count", "select_tiling",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "CropPlan",
+    "ImageTokenIds",
+    "MolmoImageProcessor",
+    "fit_size",
+    "image_token_count",
+    "select_tiling",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from molmo_runtime.errors import ArtifactError, InputError
-from molmo_runtime.fileio import atomic_open, atomic_path, write_json_atomic
+from molmo_runtime.fileio import atomic_open, write_json_atomic
 from molmo_runtime.image_io import ImageSource
 from molmo_runtime.image_processing import CropPlan, ImageTokenIds, MolmoImageProcessor
 
@@ -94,12 +93,14 @@ class MolmoTokenizer:
     """A ``tokenizers.Tokenizer`` plus the few facts Molmo needs (EOS/BOS, special ids)."""
 
     def __init__(self, tokenizer: Any, eos_token: str, bos_token: str | None = None,
-                 source: Path | None = None, config: dict[str, Any] | None = None):
+                 source: Path | None = None, config: dict[str, Any] | None = None,
+                 special_map: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
         self.eos_token = eos_token
         self.bos_token = bos_token
         self.source = source
-        self.config = dict(config or {})
+        self.config = dict(config or {})  # tokenizer_config.json as loaded (kept on save)
+        self.special_map = dict(special_map or {})  # special_tokens_map.json as loaded
         eos_id = tokenizer.token_to_id(eos_token)
         if eos_id is None:
             raise ArtifactError(f"tokenizer{self._where}: eos token {eos_token!r} is not in the "
@@ -112,7 +113,9 @@ class MolmoTokenizer:
                 f"{IMAGE_SPECIAL_TOKENS} as single tokens (got {len(ids)} ids); this is not a "
                 "Molmo tokenizer or its added tokens are missing")
         # The official processor: bos_token_id or eos_token_id (a falsy id 0 also falls back).
-        self.special = SpecialTokens(*ids, bos=bos_id or eos_id, eos=eos_id)
+        im_start, im_end, im_patch, im_col, image = ids
+        self.special = SpecialTokens(im_start, im_end, im_patch, im_col, image,
+                                     bos=bos_id or eos_id, eos=eos_id)
 
     @property
     def _where(self) -> str:
@@ -134,7 +137,7 @@ class MolmoTokenizer:
 
             try:
                 tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-            except Exception as e:  # noqa: BLE001 - the Rust loader raises plain Exceptions
+            except Exception as e:
                 raise ArtifactError(f"{d / 'tokenizer.json'}: cannot load ({e}); re-copy it from "
                                     "the checkpoint") from e
         elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
@@ -153,7 +156,7 @@ class MolmoTokenizer:
             eos = "<|endoftext|>"
         bos = _token_content(config.get("bos_token")) or _token_content(
             special_map.get("bos_token"))
-        return cls(tok, eos, bos, d, config)
+        return cls(tok, eos, bos, d, config, special_map)
 
     # --- use -----------------------------------------------------------------------------------
 
@@ -174,17 +177,16 @@ class MolmoTokenizer:
         return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``tokenizer.json`` (complete, incl. added tokens) and the small config files,
-        each atomically."""
+        """Write a Hugging Face style tokenizer dir, each file atomically: ``tokenizer.json``
+        (complete, incl. added tokens: loads fast, no vocab/merges needed),
+        ``tokenizer_config.json`` and ``special_tokens_map.json`` (as loaded, EOS/BOS set)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         with atomic_open(d / "tokenizer.json", "w") as f:
             f.write(self.tokenizer.to_str())
-        config = {k: v for k, v in self.config.items() if k not in ("added_tokens_decoder",)}
-        config["eos_token"] = self.eos_token
-        config["bos_token"] = self.bos_token
+        config = {**self.config, "eos_token": self.eos_token, "bos_token": self.bos_token}
         write_json_atomic(d / "tokenizer_config.json", config)
-        special_map: dict[str, Any] = {"eos_token": self.eos_token}
+        special_map = {**self.special_map, "eos_token": self.eos_token}
         if self.bos_token:
             special_map["bos_token"] = self.bos_token
         write_json_atomic(d / "special_tokens_map.json", special_map)
@@ -214,12 +216,19 @@ def _added_tokens(d: Path, config: dict[str, Any],
 
 def _bpe_from_vocab_merges(d: Path, config: dict[str, Any]) -> Any:
     """A byte-level BPE from vocab.json + merges.txt, like transformers' converters."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
 
     kind = str(config.get("tokenizer_class", "Qwen2Tokenizer"))
     try:
         vocab, merges = models.BPE.read_file(str(d / "vocab.json"), str(d / "merges.txt"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ArtifactError(f"{d}: cannot read vocab.json/merges.txt ({e})") from e
     if kind.startswith("Qwen2"):
         tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, continuing_subword_prefix="",
@@ -302,6 +311,7 @@ class MolmoProcessor:
         self.image_processor = image_processor or MolmoImageProcessor()
         self.message_format = message_format
         self.always_start_with_space = always_start_with_space
+        self._variants: dict[int, MolmoImageProcessor] = {}  # per max_crops override
 
     @property
     def special_tokens(self) -> SpecialTokens:
@@ -351,18 +361,10 @@ class MolmoProcessor:
         """Write ``tokenizer/`` and ``processor.json`` into an artifact directory.
 
         Every file is written atomically (temporary file + rename): an interrupted save never
-        leaves a truncated file. ``tokenizer/`` gets a complete ``tokenizer.json``; the original
-        config files are copied beside it when the tokenizer was loaded from files."""
+        leaves a truncated file, and nothing else in the directory is touched. ``tokenizer/``
+        gets a complete ``tokenizer.json`` plus the tokenizer's config files."""
         d = Path(artifact_dir)
-        tok_dir = d / TOKENIZER_DIR
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(tok_dir)
-        src = self.tokenizer.source
-        if src is not None and src.resolve() != tok_dir.resolve():
-            for name in ("tokenizer_config.json", "special_tokens_map.json"):
-                if (src / name).is_file():
-                    with atomic_path(tok_dir / name) as tmp:
-                        shutil.copyfile(src / name, tmp)
+        self.tokenizer.save(d / TOKENIZER_DIR)
         write_json_atomic(d / PROCESSOR_JSON, self.to_dict())
 
     # --- text ----------------------------------------------------------------------------------
@@ -401,7 +403,11 @@ class MolmoProcessor:
     def _image_processor(self, max_crops: int | None) -> MolmoImageProcessor:
         if max_crops is None or max_crops == self.image_processor.max_crops:
             return self.image_processor
-        return self.image_processor.replace(max_crops=max_crops)
+        variant = self._variants.get(max_crops)
+        if variant is None or variant.replace(max_crops=self.max_crops) != self.image_processor:
+            variant = self._variants[max_crops] = self.image_processor.replace(
+                max_crops=max_crops)  # kept: its scratch buffers are reused by later calls
+        return variant
 
     # --- the call ------------------------------------------------------------------------------
 

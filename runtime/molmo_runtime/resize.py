@@ -22,8 +22,8 @@ order and float32 rounding of the reference kernels (../shared/docs/molmo_archit
   float32 values is exact, so only the final rounding matters.
 * tensorflow: ``acc = 0; acc = f32(acc + f32(w*in))`` for every tap, no FMA.
 
-Speed: the image is processed in blocks of ~64k values along the axis that is *not* resized, so
-every temporary stays in the CPU's L2 cache. Within a pass the outputs are visited sorted by
+Speed: the image is processed in blocks of ~256k values along the axis that is *not* resized,
+so the temporaries of a block stay in the CPU's caches. Within a pass the outputs are visited sorted by
 their tap pattern (number of taps, which are fused), so every tap applies to contiguous runs of
 outputs (slices, no fancy indexing); each finished block is put back in order by one gather. The
 last pass also clips, normalises and writes straight into the caller's canvas (``resize_into``).
@@ -32,6 +32,7 @@ last pass also clips, normalises and writes straight into the caller's canvas (`
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,16 +45,8 @@ RESIZE_METHODS: tuple[str, ...] = ("torch-bilinear", "tensorflow")
 
 # Values per block of work (float32): 1 MiB, about an L2 cache (measured best here).
 BLOCK_VALUES = 1 << 18
-
-# uint8 -> float32 conversions of the two back-ends (a 256-entry lookup table each).
-_U8 = np.arange(256, dtype=np.float32)
-# torchvision convert_image_dtype: true division by 255 (correctly rounded).
-_TORCH_U8_TO_F32 = _U8 / np.float32(255.0)
-# tf.image.convert_image_dtype: multiplication by the float32 constant 1/255.
-_TF_U8_TO_F32 = _U8 * np.float32(1.0 / 255.0)
-for _lut in (_TORCH_U8_TO_F32, _TF_U8_TO_F32):
-    _lut.setflags(write=False)
-
+# Runs of at most this many outputs multiply by the broadcast weights (a tile is not worth it).
+TILE_MIN = 64
 
 # Kinds of a tap of one output.
 NONE, PLAIN, FUSED = 0, 1, 2
@@ -208,7 +201,7 @@ def _runs(kinds: np.ndarray) -> list[tuple[int, int, bool]]:
             k[i] = k[i - 1]
     change = np.flatnonzero(np.diff(k)) + 1
     bounds = [0, *change.tolist(), len(k)]
-    return [(lo + a, lo + b, bool(k[a] == FUSED)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(lo + a, lo + b, bool(k[a] == FUSED)) for a, b in itertools.pairwise(bounds)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -243,6 +236,23 @@ def schedule(method: str, n_in: int, n_out: int, channels: int, axis: int) -> Sc
 
 # --- one pass --------------------------------------------------------------------------------
 
+class _Tiles:
+    """Weights broadcast to the block shape, made once per pass on first use: numpy multiplies
+    two contiguous arrays about twice as fast as an array by a broadcast weight vector. The last
+    (smaller) block uses a slice of the same tile."""
+
+    def __init__(self, axis: int, step: int):
+        self.axis, self.step = axis, step
+        self._tiles: dict[int, np.ndarray] = {}
+
+    def __call__(self, weight: np.ndarray, extent: int) -> np.ndarray:
+        tile = self._tiles.get(id(weight))
+        if tile is None:
+            shape = (weight.shape[0], self.step) if self.axis == 0 else (self.step, weight.shape[1])
+            tile = self._tiles[id(weight)] = np.ascontiguousarray(np.broadcast_to(weight, shape))
+        return tile[:, :extent] if self.axis == 0 else tile[:extent]
+
+
 def _run_pass(x: np.ndarray, sched: Schedule, out: np.ndarray,
               epilogue: _Epilogue | None = None, method: str | None = None) -> None:
     """Resample 2-D float32 ``x`` along ``sched.axis`` into ``out``, block by block (blocks split
@@ -254,6 +264,8 @@ def _run_pass(x: np.ndarray, sched: Schedule, out: np.ndarray,
     step = max(1, BLOCK_VALUES // along)
     if epilogue is not None and axis == 0 and step < other:
         step = max(epilogue.channels, step - step % epilogue.channels)  # channel-aligned blocks
+    step = min(step, other)
+    tiles = _Tiles(axis, step)
     # Row blocks of a contiguous `out` can be computed in place (no copy at the end).
     direct = epilogue is None and axis == 1 and out.flags.c_contiguous
     for b0 in range(0, other, step):
@@ -265,17 +277,19 @@ def _run_pass(x: np.ndarray, sched: Schedule, out: np.ndarray,
         # Tap 0: acc = f32(x * w). mode="wrap" skips bounds checks (indices are in range).
         acc = np.take(xb, sched.index0, axis=axis, mode="wrap",
                       out=dest if direct and sched.unsort is None else None)
-        np.multiply(acc, sched.weight0, out=acc)
+        np.multiply(acc, tiles(sched.weight0, b1 - b0), out=acc)
         for runs in sched.runs:
             for r in runs:
                 a = acc[r.start:r.stop] if axis == 0 else acc[:, r.start:r.stop]
                 g = np.take(xb, r.index, axis=axis, mode="wrap")
+                w = tiles(r.weight, b1 - b0) if r.stop - r.start > TILE_MIN else r.weight
                 if r.fused:  # f32(f64(x) * f64(w) + f64(acc)): the float64 product is exact
-                    prod = np.multiply(g, r.weight)
+                    prod = g.astype(np.float64)
+                    np.multiply(prod, w, out=prod)
                     np.add(prod, a, out=prod)
                     np.copyto(a, prod, casting="same_kind")
                 else:  # f32(acc + f32(x * w))
-                    np.multiply(g, r.weight, out=g)
+                    np.multiply(g, w, out=g)
                     np.add(a, g, out=a)
         if sched.unsort is not None:  # back to natural order
             if direct:
@@ -369,9 +383,9 @@ def _to_float(x: np.ndarray, method: str, out: np.ndarray | None = None) -> np.n
     y = np.empty(x.shape, np.float32) if out is None else out
     np.copyto(y, x)  # exact
     if method == "torch-bilinear":
-        np.divide(y, np.float32(255.0), out=y)  # == _TORCH_U8_TO_F32[v] (true division)
+        np.divide(y, np.float32(255.0), out=y)  # torchvision: true division by 255
     else:
-        np.multiply(y, np.float32(1.0 / 255.0), out=y)  # == _TF_U8_TO_F32[v]
+        np.multiply(y, np.float32(1.0 / 255.0), out=y)  # TF: times the float32 of 1/255
     return y
 
 
@@ -405,7 +419,7 @@ class ResizeSource:
 
 
 def resize_into(image: np.ndarray | ResizeSource, out: np.ndarray,
-                method: ResizeMethod = "torch-bilinear", mean: np.ndarray | None = None,
+                method: ResizeMethod | str = "torch-bilinear", mean: np.ndarray | None = None,
                 std: np.ndarray | None = None) -> None:
     """Resize uint8 ``image`` [H, W, C] into float32 ``out`` [h, w, C] (may be a view with
     strided rows, e.g. the inside of a padded canvas), bit-exact with the official back-end
@@ -451,7 +465,7 @@ def resize_into(image: np.ndarray | ResizeSource, out: np.ndarray,
 
 
 def resize_uint8(image: np.ndarray, height: int, width: int,
-                 method: ResizeMethod = "torch-bilinear") -> np.ndarray:
+                 method: ResizeMethod | str = "torch-bilinear") -> np.ndarray:
     """Resize a uint8 [H, W, C] image to a new float32 [height, width, C] array in [0, 1]."""
     if image.ndim != 3:
         raise ValueError(f"expected a uint8 [H, W, C] array, got shape {image.shape}")

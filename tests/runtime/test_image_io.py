@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-
 from molmo_runtime.errors import InputError
 from molmo_runtime.image_io import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from molmo_runtime.image_processing import MolmoImageProcessor
+from PIL import Image
+
 from tests.conftest import golden_path
 
 
@@ -190,6 +190,11 @@ MODES = ["RGB", "RGBA", "L", "LA", "P", "CMYK", "1", "I;16", "I", "F"]
 @given(h=st.integers(1, 1200), w=st.integers(1, 1200), mode=st.sampled_from(MODES),
        seed=st.integers(0, 2**16), max_crops=st.integers(1, 12),
        via=st.sampled_from(["pil", "png", "numpy"]))
+@example(h=1, w=1, mode="P", seed=0, max_crops=12, via="png")
+@example(h=1, w=2000, mode="RGB", seed=0, max_crops=12, via="numpy")
+@example(h=20000, w=20, mode="L", seed=0, max_crops=12, via="png")
+@example(h=1200, w=1199, mode="CMYK", seed=1, max_crops=12, via="pil")
+@example(h=337, w=3, mode="I;16", seed=2, max_crops=1, via="png")
 def test_property_any_size_and_mode_never_crashes(h: int, w: int, mode: str, seed: int,
                                                   max_crops: int, via: str) -> None:
     arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from molmo_runtime.errors import InputError
 from molmo_runtime.image_io import load_image
 from molmo_runtime.image_processing import (
@@ -28,6 +27,7 @@ from molmo_runtime.image_processing import (
     image_token_count,
     select_tiling,
 )
+
 from tests.conftest import golden_path
 
 IMAGES_ATOL = 0.0  # bit-exact recipe (golden README §4.5); anything else is a bug

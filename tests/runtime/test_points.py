@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from molmo_runtime.errors import InputError
 from molmo_runtime.points import Point, parse_points
 

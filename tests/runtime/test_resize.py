@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from molmo_runtime import resize as R
 
 SIMD_EXACT = 0.0

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from molmo_runtime.errors import ArtifactError
 from molmo_runtime.processing import MolmoTokenizer, TokenizerNotFoundError
+
 from tests.conftest import golden_path
 
 
