@@ -6,8 +6,9 @@ Times ``MolmoImageProcessor`` from an already decoded uint8 [H, W, 3] array to a
 (images, image_masks, image_input_idx) and the whole ``MolmoProcessor`` call (plus prompt
 tokens) when the golden tokenizer is present. If torch is importable, the same resize work
 (the high-res canvas and the global crop, ``interpolate(bilinear, antialias=True)`` on the
-float32 image, as the official processor does through torchvision) is timed alternately with
-ours, so both see the same machine load, and the ratio is printed. Runs without torch too.
+float32 image, as the official processor does through torchvision) is timed right after, and
+the ratio is printed. Runs without torch too. The load average is printed: other jobs on the
+machine slow every number down.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ def _stats(ms: list[float]) -> str:
             f"   (n={len(ms)})")
 
 
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+def _time(fn: Callable[[], object], cpu: list[float] | None = None) -> float:
+    """Wall milliseconds of fn(); with ``cpu``, also append this thread's CPU milliseconds
+    (for single-threaded code: the time it would take on an otherwise idle core)."""
+    c0, t0 = time.thread_time(), time.perf_counter()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    wall = (time.perf_counter() - t0) * 1e3
+    if cpu is not None:
+        cpu.append((time.thread_time() - c0) * 1e3)
+    return wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = load_image(args.image)  # decoded once: the timings start from the array
     proc = MolmoImageProcessor(max_crops=args.max_crops, resize_method=args.resize_method)
     plan = proc.plan(*pixels.shape[:2])
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None  # others' jobs slow us too
     print(f"image {args.image.name}: {pixels.shape[0]}x{pixels.shape[1]} -> tiling "
           f"{plan.tiling[0]}x{plan.tiling[1]}, {plan.n_crops} crops, {plan.n_image_tokens} "
           f"image tokens; resize {args.resize_method}")
@@ -98,25 +104,27 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(args.warmup):
         proc(pixels)
-        if torch_fn is not None:
-            torch_fn()
-    ours, ours_full, ref = [], [], []
-    for _ in range(args.runs):  # alternate, so every variant sees the same load
-        ours.append(_time(lambda: proc(pixels)))
-        if processor is not None:
-            ours_full.append(_time(lambda: processor(images=pixels, text="Describe this image.")))
-        if torch_fn is not None:
-            ref.append(_time(torch_fn))
+    ours, ours_cpu = [], []
+    for _ in range(args.runs):
+        ours.append(_time(lambda: proc(pixels), ours_cpu))
     print(f"molmo_runtime MolmoImageProcessor (array -> all outputs): {_stats(ours)}")
-    if ours_full:
-        print(f"molmo_runtime MolmoProcessor (+ prompt tokens, input_ids): {_stats(ours_full)}")
-    if ref:
+    print(f"  same runs, CPU time of the (single) thread:             {_stats(ours_cpu)}")
+    if processor is not None:
+        full = [_time(lambda: processor(images=pixels, text="Describe this image."))
+                for _ in range(args.runs)]
+        print(f"molmo_runtime MolmoProcessor (+ prompt tokens, input_ids): {_stats(full)}")
+    if torch_fn is not None:
         import torch
 
+        for _ in range(args.warmup):
+            torch_fn()
+        ref = [_time(torch_fn) for _ in range(args.runs)]
         print(f"torch {torch.__version__} resize only ({torch.get_num_threads()} threads, "
               f"canvas + global crop): {_stats(ref)}")
         print(f"ratio ours(full preprocessing) / torch(resize only), medians: "
               f"{statistics.median(ours) / statistics.median(ref):.2f}")
+    if load is not None and hasattr(os, "getloadavg"):
+        print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from molmo_calibration.calibration_set import CalibrationSet, Split
+from molmo_calibration.calibration_set import CalibrationSample, CalibrationSet, Split
 from molmo_runtime.embedding import add_image_tokens
 from molmo_runtime.errors import InputError, require
 from molmo_runtime.graph_io import (
@@ -63,7 +63,7 @@ def prepare_samples(calibration_set: CalibrationSet, artifact_dir: str | os.Path
     return out
 
 
-def _take_balanced(cs: CalibrationSet, max_samples: int | None) -> list[Any]:
+def _take_balanced(cs: CalibrationSet, max_samples: int | None) -> list[CalibrationSample]:
     """At most max_samples, keeping the calibration/held-out proportion (at least one each)."""
     if max_samples is None or max_samples >= len(cs.samples):
         return list(cs.samples)

@@ -182,12 +182,13 @@ class _Job:
         """Vision encoder and connector (one method each); returns graph -> quantized file."""
         files: dict[str, Path] = {}
         with_images = _unique_images(cal)
-        vision_feeds, connector_feeds = [], []
+        vision_feeds: list[dict[str, np.ndarray]] = []
+        connector_feeds: list[dict[str, np.ndarray]] = []
         if self.recipe.needs_calibration_data:
             for s in with_images:
-                features = self.fp32.vision(s.images)  # type: ignore[arg-type]
+                assert s.images is not None and s.image_masks is not None
                 vision_feeds.append({"images": s.images})
-                connector_feeds.append({"image_features": features,
+                connector_feeds.append({"image_features": self.fp32.vision(s.images),
                                         "image_masks": s.image_masks})
         for graph, feeds in ((VISION_ENCODER, vision_feeds), (CONNECTOR, connector_feeds)):
             method = self.recipe.graphs[graph].method
@@ -244,7 +245,7 @@ class _Job:
             final.parent.mkdir(parents=True, exist_ok=True)
             for f in dest.parent.iterdir():  # the graph and its external data file, if any
                 os.replace(f, final.parent / f.name)
-        methods = {g: r.method for g, r in self.recipe.graphs.items()}
+        methods: dict[str, str] = {g: r.method for g, r in self.recipe.graphs.items()}
         methods[DECODER] = method
         return QualityReport(
             target=self.recipe.target, methods=methods, calibration=calibration,
@@ -258,7 +259,7 @@ def _unique_images(samples: list[PreparedSample]) -> list[PreparedSample]:
     seen: set[str] = set()
     out = []
     for s in samples:
-        if s.images is None:
+        if s.images is None or s.image_masks is None:
             continue
         key = hashlib.sha256(s.images.tobytes()).hexdigest()
         if key not in seen:

@@ -127,7 +127,8 @@ def compare(ref: list[Trace], forced: list[Trace], free: list[Trace],
         logit_err_median=float(np.median(np.abs(ref_rows - forced_rows).max(axis=-1))))
     per_sample = [SampleResult(
         name=n,
-        vision_cosine=None if r.features is None else metrics.cosine(r.features, f.features),
+        vision_cosine=None if r.features is None or f.features is None
+        else metrics.cosine(r.features, f.features),
         prefill_top1=bool(metrics.top1_agreement(r.step_logits[0], f.step_logits[0])),
         top1=float(metrics.top1_agreement(r.step_logits, f.step_logits).mean()),
         kl_mean=float(metrics.kl_divergence(r.step_logits, f.step_logits).mean()),

@@ -22,7 +22,7 @@ order and float32 rounding of the reference kernels (../shared/docs/molmo_archit
   float32 values is exact, so only the final rounding matters.
 * tensorflow: ``acc = 0; acc = f32(acc + f32(w*in))`` for every tap, no FMA.
 
-Speed: the image is processed in blocks of ~256k values along the axis that is *not* resized,
+Speed: the image is processed in blocks of ~128k values along the axis that is *not* resized,
 so the temporaries of a block stay in the CPU's caches. Within a pass the outputs are visited sorted by
 their tap pattern (number of taps, which are fused), so every tap applies to contiguous runs of
 outputs (slices, no fancy indexing); each finished block is put back in order by one gather. The
@@ -43,8 +43,10 @@ import numpy as np
 ResizeMethod = Literal["torch-bilinear", "tensorflow"]
 RESIZE_METHODS: tuple[str, ...] = ("torch-bilinear", "tensorflow")
 
-# Values per block of work (float32): 1 MiB, about an L2 cache (measured best here).
-BLOCK_VALUES = 1 << 18
+# Values per block of work (float32): 512 KiB, half an L2 cache (measured best here).
+BLOCK_VALUES = 1 << 17
+# A pass whose input has at most this many values runs as a single block (measured faster).
+SINGLE_BLOCK_VALUES = 1 << 20
 # Runs of at most this many outputs multiply by the broadcast weights (a tile is not worth it).
 TILE_MIN = 64
 
@@ -195,10 +197,9 @@ def _runs(kinds: np.ndarray) -> list[tuple[int, int, bool]]:
     if not len(active):
         return []
     lo, hi = int(active[0]), int(active[-1]) + 1
-    k = kinds[lo:hi].copy()
-    for i in range(1, len(k)):  # short: the kinds of a handful of distinct tap patterns
-        if k[i] == NONE:
-            k[i] = k[i - 1]
+    k = kinds[lo:hi]
+    last = np.maximum.accumulate(np.where(k != NONE, np.arange(len(k)), 0))
+    k = k[last]  # forward-fill: NONE takes the kind before it
     change = np.flatnonzero(np.diff(k)) + 1
     bounds = [0, *change.tolist(), len(k)]
     return [(lo + a, lo + b, bool(k[a] == FUSED)) for a, b in itertools.pairwise(bounds)]
@@ -261,7 +262,8 @@ def _run_pass(x: np.ndarray, sched: Schedule, out: np.ndarray,
     axis = sched.axis
     other = x.shape[1] if axis == 0 else x.shape[0]
     along = max(x.shape[axis], sched.n_out)
-    step = max(1, BLOCK_VALUES // along)
+    # A small pass runs as one block (no per-block overhead); a large one in cache-sized blocks.
+    step = other if x.size <= SINGLE_BLOCK_VALUES else max(1, BLOCK_VALUES // along)
     if epilogue is not None and axis == 0 and step < other:
         step = max(epilogue.channels, step - step % epilogue.channels)  # channel-aligned blocks
     step = min(step, other)
@@ -275,13 +277,13 @@ def _run_pass(x: np.ndarray, sched: Schedule, out: np.ndarray,
             xb = _to_float(xb, str(method))
         dest = out[:, b0:b1] if axis == 0 else out[b0:b1]
         # Tap 0: acc = f32(x * w). mode="wrap" skips bounds checks (indices are in range).
-        acc = np.take(xb, sched.index0, axis=axis, mode="wrap",
+        acc = xb.take(sched.index0, axis=axis, mode="wrap",
                       out=dest if direct and sched.unsort is None else None)
         np.multiply(acc, tiles(sched.weight0, b1 - b0), out=acc)
         for runs in sched.runs:
             for r in runs:
                 a = acc[r.start:r.stop] if axis == 0 else acc[:, r.start:r.stop]
-                g = np.take(xb, r.index, axis=axis, mode="wrap")
+                g = xb.take(r.index, axis=axis, mode="wrap")
                 w = tiles(r.weight, b1 - b0) if r.stop - r.start > TILE_MIN else r.weight
                 if r.fused:  # f32(f64(x) * f64(w) + f64(acc)): the float64 product is exact
                     prod = g.astype(np.float64)
@@ -293,9 +295,9 @@ def _run_pass(x: np.ndarray, sched: Schedule, out: np.ndarray,
                     np.add(a, g, out=a)
         if sched.unsort is not None:  # back to natural order
             if direct:
-                np.take(acc, sched.unsort, axis=axis, mode="wrap", out=dest)
+                acc.take(sched.unsort, axis=axis, mode="wrap", out=dest)
                 continue
-            acc = np.take(acc, sched.unsort, axis=axis, mode="wrap")
+            acc = acc.take(sched.unsort, axis=axis, mode="wrap")
         elif direct:
             continue
         if epilogue is not None:

@@ -136,6 +136,7 @@ def test_block_size_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> 
     image = rng.integers(0, 256, size=(123, 211, 3), dtype=np.uint8)
     want = R.resize_uint8(image, 47, 80)
     want_tf = R.resize_uint8(image, 47, 80, "tensorflow")
+    monkeypatch.setattr(R, "SINGLE_BLOCK_VALUES", 0)  # always split into blocks
     for block in (1, 300, 1 << 12, 1 << 24):
         monkeypatch.setattr(R, "BLOCK_VALUES", block)
         np.testing.assert_array_equal(R.resize_uint8(image, 47, 80), want)
@@ -170,6 +171,8 @@ def test_blockwise_conversion_of_huge_images_gives_the_same_result(
     shared = R.ResizeSource(image)
     want = [R.resize_uint8(image, *hw, method) for hw in ((40, 60), (90, 61), (90, 130))]
     monkeypatch.setattr(R.ResizeSource, "SHARED_FLOAT_PIXELS", 0)  # as for a > 8 MP image
+    monkeypatch.setattr(R, "SINGLE_BLOCK_VALUES", 0)
+    monkeypatch.setattr(R, "BLOCK_VALUES", 1000)
     assert shared.as_float(method).dtype == np.uint8
     for hw, w in zip(((40, 60), (90, 61), (90, 130)), want):
         out = np.empty((*hw, 3), np.float32)
