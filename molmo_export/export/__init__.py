@@ -71,11 +71,11 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
 
             quantize_artifact(fp32_out, out, target=QUANTIZED_TARGETS[target],
                               calibration_set=calibration_set, allow_degraded=allow_degraded,
-                              progress=progress)
+                              progress=progress, force=force, log=log)
     if target.startswith("trt-"):
         from molmo_export.trt.builder import build_engines
 
-        build_engines(out, target, progress=progress)  # type: ignore[arg-type]
+        build_engines(out, target, progress=progress)
     return out
 
 
