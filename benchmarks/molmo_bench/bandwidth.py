@@ -9,8 +9,9 @@ once and does ~2 FLOPs per weight: it is bound by memory bandwidth, and
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +20,67 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Bandwidth:
-    read_gb_per_s: float  # best of all thread counts: the limit decode is compared with
-    by_threads: dict[int, float]  # threads -> best GB/s over the repetitions
+    read_gb_per_s: float  # best of every method and repetition: the limit decode is compared to
+    by_method: dict[str, float]  # method -> best GB/s over the repetitions
     array_mb: int
     reps: int
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["by_threads"] = {str(k): v for k, v in self.by_threads.items()}
-        d["method"] = ("numpy sum over a float32 array far larger than the caches, split across "
-                       "threads; best repetition (GB = 1e9 bytes)")
+        d["method"] = ("best of: numpy sum over a float32 array far larger than the caches "
+                       "(1 thread, and split across threads), and a numpy (BLAS) matrix-vector "
+                       "product over the same bytes, as decode does; best repetition, "
+                       "GB = 1e9 bytes. Other processes only ever lower it, hence the best")
         return d
+
+    def merge(self, other: Bandwidth) -> Bandwidth:
+        """The best of two probes (e.g. one before and one after the timed runs)."""
+        methods = {k: max(self.by_method.get(k, 0.0), other.by_method.get(k, 0.0))
+                   for k in {*self.by_method, *other.by_method}}
+        return Bandwidth(max(methods.values()), dict(sorted(methods.items())), self.array_mb,
+                         self.reps + other.reps)
 
 
 def measure_read_bandwidth(threads: int, array_mb: int = 1024, reps: int = 5) -> Bandwidth:
-    """Best read bandwidth (GB/s) of a numpy sum over `array_mb` MiB, for 1..threads threads.
+    """Best read bandwidth (GB/s) over `array_mb` MiB of float32.
 
-    numpy's reductions release the GIL, so each thread streams its own slice. The array is
-    written once first (so its pages are resident) and freed at the end.
+    numpy's reductions release the GIL, so each thread streams its own slice; the matrix-vector
+    product reads the array as a [rows, 4096] matrix, in BLAS's own threads. The array is written
+    once first (so its pages are resident).
     """
     if array_mb < 64:
         raise ValueError(f"array_mb={array_mb}: use at least 64 MiB so the array is far larger "
                          "than the CPU caches")
-    data = np.ones(array_mb * 2**20 // 4, np.float32)  # [N] touched: pages are resident
-    by_threads: dict[int, float] = {}
+    data = np.ones(array_mb * 2**20 // 4, np.float32)  # [N], touched: pages are resident
+    matrix = data.reshape(-1, 4096)  # [N / 4096, 4096]
+    vector = np.ones(4096, np.float32)
+
+    def best(run: Any, check: Any) -> float:
+        seconds = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            result = run()
+            seconds = min(seconds, time.perf_counter() - start)
+        if not check(result):
+            raise RuntimeError("bandwidth probe: wrong result; numpy is misbehaving")
+        return round(data.nbytes / seconds / 1e9, 2)
+
+    by_method: dict[str, float] = {}
     for n in sorted({1, max(1, threads)}):
         chunks = np.array_split(data, n)
-        best = float("inf")
         with ThreadPoolExecutor(n) as pool:
-            for _ in range(reps):
-                start = time.perf_counter()
-                sums = list(pool.map(np.sum, chunks))
-                best = min(best, time.perf_counter() - start)
-        if abs(sum(float(s) for s in sums) - data.size) > 1e-3 * data.size:
-            raise RuntimeError("bandwidth probe: the sum is wrong; numpy is misbehaving")
-        by_threads[n] = round(data.nbytes / best / 1e9, 2)
-    del data
-    return Bandwidth(max(by_threads.values()), by_threads, array_mb, reps)
+            by_method[f"sum_{n}_threads"] = best(
+                lambda pool=pool, chunks=chunks: sum(float(s) for s in pool.map(np.sum, chunks)),
+                lambda total: abs(total - data.size) <= 1e-3 * data.size)
+    by_method["blas_gemv"] = best(lambda: matrix @ vector,
+                                  lambda out: bool(np.allclose(out, 4096.0)))
+    return Bandwidth(max(by_method.values()), by_method, array_mb, reps)
+
+
+def measure_in_subprocess(threads: int, array_mb: int) -> Bandwidth:
+    """The probe in a fresh process: its array never counts in the caller's peak RSS."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(measure_read_bandwidth, threads, array_mb).result()
 
 
 def onnx_weight_bytes(path: str | Path) -> int:

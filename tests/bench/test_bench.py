@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from molmo_bench.bandwidth import measure_read_bandwidth, onnx_weight_bytes
+from molmo_bench.bandwidth import Bandwidth, measure_read_bandwidth, onnx_weight_bytes
 from molmo_bench.cli import main
 from molmo_bench.inputs import synthetic_inputs, text_id_bound
 from molmo_bench.measure import percentiles
@@ -86,7 +86,8 @@ def test_bench_cli_on_demo_is_torch_free(demo_artifact: Path, tmp_path: Path) ->
     check_stack(report, ("16", "64"))
     assert "torch" not in report and "speedup" not in report
     bw = report["bandwidth"]
-    assert bw["read_gb_per_s"] > 0.1 and bw["read_gb_per_s"] == max(bw["by_threads"].values())
+    assert bw["read_gb_per_s"] > 0.1 and bw["read_gb_per_s"] == max(bw["by_method"].values())
+    assert {"sum_1_threads", "blas_gemv"} <= set(bw["by_method"])
     assert report["bandwidth_fraction"] == pytest.approx(
         report["weight_bytes"] * report["decode"]["tokens_per_s"] / (bw["read_gb_per_s"] * 1e9))
     assert report["inputs"] == {"kind": "synthetic", "crops": 2,
@@ -202,6 +203,13 @@ def test_bandwidth_arithmetic() -> None:
 def test_bandwidth_probe_measures_something() -> None:
     bw = measure_read_bandwidth(threads=2, array_mb=64, reps=2)
     assert 0.1 < bw.read_gb_per_s < 10_000
+    assert bw.read_gb_per_s == max(bw.by_method.values())
+    assert set(bw.by_method) == {"sum_1_threads", "sum_2_threads", "blas_gemv"}
+    # two probes merge to the best of each method
+    other = Bandwidth(1.0, {"sum_1_threads": 1e6, "blas_gemv": 0.5}, 64, 2)
+    merged = bw.merge(other)
+    assert merged.by_method["sum_1_threads"] == 1e6 and merged.read_gb_per_s == 1e6
+    assert merged.by_method["blas_gemv"] == bw.by_method["blas_gemv"]
     with pytest.raises(ValueError, match="at least 64 MiB"):
         measure_read_bandwidth(threads=1, array_mb=8)
 
