@@ -77,10 +77,17 @@ def measure_read_bandwidth(threads: int, array_mb: int = 1024, reps: int = 5) ->
     return Bandwidth(max(by_method.values()), by_method, array_mb, reps)
 
 
-def measure_in_subprocess(threads: int, array_mb: int) -> Bandwidth:
-    """The probe in a fresh process: its array never counts in the caller's peak RSS."""
+def _probe_limits(threads: int, array_mb: int) -> tuple[Bandwidth, float]:
+    from molmo_bench.flops import measure_gemm_gflops
+
+    return measure_read_bandwidth(threads, array_mb), measure_gemm_gflops()
+
+
+def measure_in_subprocess(threads: int, array_mb: int) -> tuple[Bandwidth, float]:
+    """(read bandwidth, fp32 GEMM GFLOP/s), probed in a fresh process so that the probe's
+    arrays never count in the caller's peak RSS."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(measure_read_bandwidth, threads, array_mb).result()
+        return pool.submit(_probe_limits, threads, array_mb).result()
 
 
 def onnx_weight_bytes(path: str | Path) -> int:

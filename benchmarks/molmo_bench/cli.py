@@ -87,10 +87,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from molmo_runtime.pipeline import MolmoPipeline
 
     from molmo_bench.bandwidth import decoder_weight_bytes, measure_in_subprocess
+    from molmo_bench.flops import stage_flops
     from molmo_bench.inputs import image_inputs, synthetic_inputs
     from molmo_bench.machine import load_average, machine_info, physical_cores
     from molmo_bench.measure import BenchSettings, bench_stack
-    from molmo_bench.report import busy_warnings, speedups, with_bandwidth
+    from molmo_bench.report import busy_warnings, speedups, with_limits
 
     def log(text: str) -> None:
         if not args.quiet:
@@ -116,8 +117,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                              seed=args.seed)
     settings.check(manifest.max_seq_len, sequence_tokens)
 
-    log(f"memory bandwidth probe ({args.bandwidth_mb} MiB, child process)")
-    bandwidth = measure_in_subprocess(threads, args.bandwidth_mb)
+    log(f"memory bandwidth and GEMM probes ({args.bandwidth_mb} MiB, child process)")
+    bandwidth, gemm_gflops = measure_in_subprocess(threads, args.bandwidth_mb)
 
     log(f"opening {args.artifact} ({args.backend} backend, {threads} threads)")
     start = time.perf_counter()
@@ -141,13 +142,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         torch_result = run_in_subprocess(args.artifact, args.torch_model, inputs, settings,
                                          threads)
     machine["load_average_end"] = load_average()
-    log("memory bandwidth probe, again (the best of both is the limit)")
-    bandwidth = bandwidth.merge(measure_in_subprocess(threads, args.bandwidth_mb))
+    log("memory bandwidth and GEMM probes, again (the best of both runs is the limit)")
+    bandwidth_after, gflops_after = measure_in_subprocess(threads, args.bandwidth_mb)
+    bandwidth, gemm_gflops = bandwidth.merge(bandwidth_after), max(gemm_gflops, gflops_after)
     weight_bytes, weight_method = decoder_weight_bytes(manifest.directory, decoder_file)
-    runtime = with_bandwidth(runtime, weight_bytes, bandwidth.read_gb_per_s)
+    flops = stage_flops(manifest.model_config, runtime["crops"], runtime["prefill_tokens"])
+    runtime = with_limits(runtime, weight_bytes, bandwidth.read_gb_per_s, flops, gemm_gflops)
     if torch_result is not None:
-        torch_result = with_bandwidth(torch_result, torch_result["weight_bytes"],
-                                      bandwidth.read_gb_per_s)
+        torch_result = with_limits(torch_result, torch_result["weight_bytes"],
+                                   bandwidth.read_gb_per_s, flops, gemm_gflops)
 
     report: dict[str, Any] = {
         "tool": {"name": "molmo-bench", "version": machine["libraries"].get("molmo-export")},
@@ -170,6 +173,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "weight_bytes_method": (weight_method + "; the embedding gather (one row per token) "
                                 "and the KV cache reads are not counted"),
         "bandwidth": bandwidth.to_dict(),
+        "compute": {"gemm_gflops": gemm_gflops, "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
+                    "method": ("numpy (BLAS) fp32 [2048, 2048] GEMM, best repetition of two "
+                               "probes; stage FLOPs = 2 x multiply-adds of every weight matmul "
+                               "and attention product, from the model config (elementwise work "
+                               "not counted)")},
         "notes": [
             ("ttft_ms stages are the pipeline's own Timings (vision includes the token-embedding "
              "gather, prefill includes adding the image tokens); total is wall clock from the "

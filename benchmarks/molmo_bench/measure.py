@@ -71,6 +71,7 @@ class GenerationSample:
     ttft_ms: float  # wall clock: start of preprocessing -> first token out of the loop
     token_ms: tuple[float, ...]  # wall clock between consecutive tokens
     prefill_tokens: int
+    crops: int  # 0 without an image
 
 
 def percentiles(values: list[float] | tuple[float, ...]) -> dict[str, float]:
@@ -98,8 +99,9 @@ def time_generation(pipe: MolmoPipeline, inputs: BenchInputs, new_tokens: int) -
         last = now
     stages = {"preprocess": timings.preprocess_ms, "vision": timings.vision_ms,
               "connector": timings.connector_ms, "prefill": timings.prefill_ms}
+    crops = int(batch["images"].shape[1]) if batch.get("images") is not None else 0
     return GenerationSample(stages, (first - start) * 1000.0, tuple(token_ms),
-                            timings.prompt_tokens)
+                            timings.prompt_tokens, crops)
 
 
 def decode_steps_at_context(pipe: MolmoPipeline, context: int, steps: int, warmup: int,
@@ -171,6 +173,7 @@ def summarize(samples: list[GenerationSample], by_context: dict[str, dict[str, f
         "ttft_ms": ttft,
         "ttft_runs_ms": [{**s.stages_ms, "total": s.ttft_ms} for s in samples],
         "prefill_tokens": samples[0].prefill_tokens,
+        "crops": samples[0].crops,
         "decode": decode,
         "decode_step_ms_by_context": {c: v["p50_ms"] for c, v in by_context.items()},
         "decode_step_by_context": by_context,

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from molmo_bench.flops import compute_fractions
+
 STAGE_LABELS = {"preprocess": "preprocess", "vision": "vision encoder",
                 "connector": "connector", "prefill": "prefill"}
 
 
-def with_bandwidth(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: float
-                   ) -> dict[str, Any]:
-    """Add the bandwidth-bound figures: weight bytes read per token x tokens/s / bandwidth."""
+def with_limits(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: float,
+                flops: dict[str, float] | None = None, gemm_gflops: float | None = None
+                ) -> dict[str, Any]:
+    """Add the machine-limit figures. Decode: weight bytes read per token x tokens/s / read
+    bandwidth. TTFT stages: achieved GFLOP/s / the measured GEMM rate."""
     tokens_per_s = stack["decode"]["tokens_per_s"]
     stack = dict(stack, weight_bytes=weight_bytes)
     stack["bandwidth_bound_tokens_per_s"] = read_gb_per_s * 1e9 / weight_bytes
     stack["bandwidth_fraction"] = weight_bytes * tokens_per_s / (read_gb_per_s * 1e9)
+    if flops is not None and gemm_gflops is not None:
+        stack["compute_fraction"] = compute_fractions(stack, flops, gemm_gflops)
     return stack
 
 
@@ -61,6 +67,8 @@ def _rows(stack: dict[str, Any]) -> list[str]:
     rows += [_fmt(ms, 2) for ms in stack["decode_step_ms_by_context"].values()]
     rows += [_fmt(stack["context_growth"], 2) + "×", _fmt(stack["peak_rss_mb"]),
              _fmt(stack.get("bandwidth_fraction"), 2)]
+    cf = stack.get("compute_fraction", {})
+    rows.append(" / ".join(_fmt(cf.get(s), 2) for s in ("vision", "connector", "prefill")))
     return rows
 
 
@@ -79,7 +87,8 @@ def markdown(report: dict[str, Any]) -> str:
                  "per-token latency p50 / p90 / p99 (ms)"]
               + [f"decode step at context {c} (ms, median)" for c in ctxs]
               + [f"step growth, context {ctxs[-1]} / {ctxs[0]}", "peak RSS (MB)",
-                 "bandwidth fraction of decode"])
+                 "bandwidth fraction of decode",
+                 "compute fraction: vision / connector / prefill"])
     name = f"{art['model']} {art['target']} ({report['backend']})"
     columns = [_rows(report)]
     header = f"| | {name} |"
@@ -95,7 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
                     for s in STAGE_LABELS]
                  + [_fmt(sp["decode"], 2) + "×", _fmt(sp["decode_p50"], 2) + "×", ""]
                  + [_fmt(v, 2) + "×" for v in sp["decode_step_by_context"].values()]
-                 + ["", "", ""])
+                 + ["", "", "", ""])
         columns.append(ratio)
     lines = [f"#### molmo-bench: {name}", "",
              (f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
@@ -116,7 +125,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", (f"Read bandwidth {bw['read_gb_per_s']:.1f} GB/s (numpy probe); decoder "
                    f"weights {report['weight_bytes'] / 1e6:,.1f} MB read per token (embedding "
                    "gather excluded) → bandwidth bound "
-                   f"{report['bandwidth_bound_tokens_per_s']:,.1f} tokens/s.")]
+                   f"{report['bandwidth_bound_tokens_per_s']:,.1f} tokens/s. "
+                   f"fp32 GEMM {report['compute']['gemm_gflops']:,.0f} GFLOP/s (numpy probe); "
+                   "compute fraction = a stage's matmul FLOPs / its time / that rate.")]
     return "\n".join(lines) + "\n"
 
 

@@ -52,9 +52,8 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        past_len = attention_mask.shape[1] - inputs_embeds.shape[1]
-        past_kv = [(past[i][:, :, :past_len], past[i + 1][:, :, :past_len])
-                   for i in range(0, len(past), 2)]
+        # The whole cache buffers go in; the model reads their valid prefix itself.
+        past_kv = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
         hidden, new_kv = self.lm.model(inputs_embeds, position_ids, attention_mask, past_kv)
         logits = self.lm.lm_head(hidden[:, -1:])  # [B, 1, V]: the last position only
         return (logits, *(t for kv in new_kv for t in kv))

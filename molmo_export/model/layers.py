@@ -59,31 +59,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, n_kv, S, hd] -> [B, n_kv * n_rep, S, hd]; query head h reads KV head h // n_rep.
+def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   allowed: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention without copying K/V per query head.
 
-    expand+reshape instead of repeat_interleave: exports to static Expand/Reshape.
+    q [B, H, T, hd], k/v [B, n_kv, S, hd], allowed bool [B, 1, T, S] -> [B, H, T, hd]. Query
+    head h reads KV head h // (H / n_kv) (repeat_interleave semantics), but the H / n_kv query
+    heads of a group are stacked into the rows of one matmul against their shared K/V instead of
+    expanding K/V per query head: in a decode step the context-sized K/V is read once, not
+    copied 7x (Qwen2-7B's 28 / 4 heads) in every layer for every token. Float32 throughout, as
+    the official code (float32_attention=True); the result is cast back to q's dtype.
     """
-    if n_rep == 1:
-        return x
-    b, n_kv, s, hd = x.shape
-    return x[:, :, None].expand(b, n_kv, n_rep, s, hd).reshape(b, n_kv * n_rep, s, hd)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v in float32; q [B, H, T, hd], k/v [B, H, S, hd] -> [B, H, T, hd].
-
-    `allowed` (bool, broadcastable to [B, H, T, S]) masks keys with MASK_VALUE. The result is cast
-    back to q's dtype (the official code runs attention in float32, float32_attention=True).
-    """
-    dtype = q.dtype
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, T, S]
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, MASK_VALUE)
-    probs = F.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(dtype)
+    b, h, t, hd = q.shape
+    n_kv, s = k.shape[1], k.shape[2]
+    g = h // n_kv
+    scale = hd**-0.5
+    qg = q.float().reshape(b, n_kv, g * t, hd)  # rows ordered (head in group, position)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, n_kv, g*T, S]
+    scores = scores.reshape(b, n_kv, g, t, s).masked_fill(~allowed[:, :, None], MASK_VALUE)
+    probs = F.softmax(scores, dim=-1).reshape(b, n_kv, g * t, s)
+    return torch.matmul(probs, v.float()).reshape(b, h, t, hd).to(q.dtype)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:

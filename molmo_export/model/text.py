@@ -21,10 +21,9 @@ from molmo_export.model.layers import (
     RMSNorm,
     SwiGLU,
     apply_rope,
-    attend,
+    attend_grouped,
     causal_padding_mask,
     merge_heads,
-    repeat_kv,
     rope_cos_sin,
     split_heads,
 )
@@ -64,8 +63,7 @@ class TextAttention(nn.Module):
             v_all = torch.cat((past[1][:, :, :past_len], v), dim=2)
         else:
             k_all, v_all = k, v
-        rep = self.n_heads // self.n_kv
-        out = attend(q, repeat_kv(k_all, rep), repeat_kv(v_all, rep), allowed)  # [B, H, T, hd]
+        out = attend_grouped(q, k_all, v_all, allowed)  # [B, H, T, hd]
         return self.wo(merge_heads(out)), (k, v)
 
 

@@ -20,7 +20,7 @@ from molmo_bench.bandwidth import Bandwidth, measure_read_bandwidth, onnx_weight
 from molmo_bench.cli import main
 from molmo_bench.inputs import synthetic_inputs, text_id_bound
 from molmo_bench.measure import percentiles
-from molmo_bench.report import speedups, with_bandwidth
+from molmo_bench.report import speedups, with_limits
 from molmo_runtime.manifest import load_manifest
 
 TINY = ["--synthetic", "--crops", "2", "--prompt-tokens", "8", "--runs", "2", "--warmup", "1",
@@ -184,7 +184,7 @@ def test_synthetic_layout_matches_the_processor_contract(demo_artifact: Path) ->
 
 def test_bandwidth_arithmetic() -> None:
     stack = {"decode": {"tokens_per_s": 10.0}}
-    out = with_bandwidth(stack, weight_bytes=2_000_000_000, read_gb_per_s=25.0)
+    out = with_limits(stack, weight_bytes=2_000_000_000, read_gb_per_s=25.0)
     assert out["bandwidth_fraction"] == pytest.approx(0.8)  # 2 GB x 10 /s of 25 GB/s
     assert out["bandwidth_bound_tokens_per_s"] == pytest.approx(12.5)
     runtime = {"decode": {"tokens_per_s": 9.0}, "ttft_ms": {"total": 100.0, "vision": 50.0,
@@ -225,3 +225,41 @@ def test_weight_bytes_count_every_initializer(demo_artifact: Path) -> None:
     # the LM head alone ([vocab_rows, D] fp32) is part of what a decode step reads
     d = load_manifest(demo_artifact, verify="none").dims
     assert expected > d.vocab_rows * d.d_model * 4
+
+
+def test_stage_flops_match_torch_flop_counter(demo_artifact: Path) -> None:
+    """The closed-form FLOP counts equal what torch's FlopCounterMode counts when the reference
+    model runs each stage (matmuls and attention; elementwise ops count in neither)."""
+    torch = pytest.importorskip("torch")
+    from molmo_bench.flops import stage_flops
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from molmo_export.export.onnx_export import resolve_checkpoint
+    from molmo_export.model import MolmoForConditionalGeneration
+
+    manifest = load_manifest(demo_artifact, verify="none")
+    model = MolmoForConditionalGeneration.from_pretrained(resolve_checkpoint("demo")).eval()
+    crops, tokens = 2, 40
+    want = stage_flops(manifest.model_config, crops, tokens)
+    d = manifest.dims
+    images = torch.randn(crops, d.patches_per_crop, d.patch_dim)
+    lm = model.language_model
+    counted = {}
+    # the math SDPA backend runs attention as bmm, which the counter sees (the fused CPU kernel
+    # is invisible to it)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fc:
+            features = model.vision(images)
+        counted["vision"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            model.connector(features, torch.ones(crops, d.patches_per_crop))
+        counted["connector"] = fc.get_total_flops()
+        embeds = torch.randn(1, tokens, d.d_model)
+        with FlopCounterMode(display=False) as fc:
+            hidden, _ = lm.model(embeds, torch.arange(tokens)[None],
+                                 torch.ones(1, tokens, dtype=torch.long))
+            lm.lm_head(hidden[:, -1])
+        counted["prefill"] = fc.get_total_flops()
+    for stage, flops in want.items():
+        assert flops == pytest.approx(counted[stage], rel=1e-6), stage
