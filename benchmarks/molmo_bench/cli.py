@@ -2,9 +2,10 @@
 decode step latency against the context, peak memory and the memory-bandwidth bound, optionally
 against the PyTorch reference on the same weights and inputs.
 
-    open pipeline ─► warm-ups ─► N timed generations ─► decode steps per context ─► peak RSS
-      ─► close ─► bandwidth probe ─► [--compare-torch: same in a torch child process]
-      ─► JSON + markdown + PNG
+    bandwidth + GEMM probe ─► open pipeline [+ torch reference in a child process]
+      ─► warm-ups ─► N timed generations ─► decode steps per context
+         (with torch: the two stacks alternate step by step)
+      ─► peak RSS ─► close ─► probes again ─► limits, speedups ─► JSON + markdown + PNG
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the PyTorch reference (fp32, same weights and inputs) and "
                         "report speedups; needs the export extra")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --compare-torch: run torch after the runtime is closed instead of "
+                        "interleaving their steps (needs memory for one model at a time; "
+                        "interleaving is fairer on a busy machine)")
     p.add_argument("--torch-model", default=None,
                    help="checkpoint for --compare-torch (default: the source recorded in the "
                         "artifact's manifest)")
@@ -81,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Idle time between the two stacks' steps when interleaved: lets the other stack's thread pool
+# stop spinning before this one starts.
+SWITCH_PAUSE_S = 0.2
+
+
+def _start_torch(args: argparse.Namespace, inputs: Any, settings: Any, threads: int,
+                 log: Any) -> Any:
+    from molmo_bench.torch_ref import TorchWorker
+
+    log("loading the PyTorch reference (child process)")
+    return TorchWorker(args.artifact, args.torch_model, inputs, settings, threads, args.quiet)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from molmo_runtime.graph_io import DECODER
     from molmo_runtime.manifest import load_manifest
@@ -90,7 +108,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from molmo_bench.flops import stage_flops
     from molmo_bench.inputs import image_inputs, synthetic_inputs
     from molmo_bench.machine import load_average, machine_info, physical_cores
-    from molmo_bench.measure import BenchSettings, bench_stack
+    from molmo_bench.measure import BenchSettings, StackBench, plan
     from molmo_bench.report import busy_warnings, speedups, with_limits
 
     def log(text: str) -> None:
@@ -120,27 +138,40 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     log(f"memory bandwidth and GEMM probes ({args.bandwidth_mb} MiB, child process)")
     bandwidth, gemm_gflops = measure_in_subprocess(threads, args.bandwidth_mb)
 
-    log(f"opening {args.artifact} ({args.backend} backend, {threads} threads)")
-    start = time.perf_counter()
-    pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend, threads=threads,
-                                  verify="none")  # sizes were checked above
-    load_s = time.perf_counter() - start
-    log(f"{pipe.backend.name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
-        f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}")
-    runtime = bench_stack(pipe, inputs, settings, log=log)
-    backend_name = pipe.backend.name
+    interleave = args.compare_torch and not args.sequential
+    worker = None
+    if interleave:
+        worker = _start_torch(args, inputs, settings, threads, log)
+    try:
+        log(f"opening {args.artifact} ({args.backend} backend, {threads} threads)")
+        start = time.perf_counter()
+        pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend, threads=threads,
+                                      verify="none")  # sizes were checked above
+        load_s = time.perf_counter() - start
+        backend_name = pipe.backend.name
+        log(f"{backend_name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
+            f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}"
+            + (", interleaved step by step with the PyTorch reference" if interleave else ""))
+        ort_bench = StackBench(backend_name, pipe, inputs, settings, log=log)
+        for kind, index in plan(settings):
+            ort_bench.step(kind, index)
+            if worker is not None:
+                time.sleep(SWITCH_PAUSE_S)
+                worker.step(kind, index)
+                time.sleep(SWITCH_PAUSE_S)
+        runtime = ort_bench.result()
+        pipe.backend.close()
+        del pipe, ort_bench  # free the sessions (and their threads) before anything else runs
+        gc.collect()
+        if args.compare_torch and worker is None:  # --sequential: torch after ORT is gone
+            worker = _start_torch(args, inputs, settings, threads, log)
+            for kind, index in plan(settings):
+                worker.step(kind, index)
+        torch_result = worker.result() if worker is not None else None
+    finally:
+        if worker is not None:
+            worker.close()
     decoder_file = manifest.graphs[DECODER].file
-    pipe.backend.close()
-    del pipe  # free the sessions (and their spinning threads) before anything else runs
-    gc.collect()
-
-    torch_result = None
-    if args.compare_torch:
-        from molmo_bench.torch_ref import run_in_subprocess
-
-        log("PyTorch reference (child process)")
-        torch_result = run_in_subprocess(args.artifact, args.torch_model, inputs, settings,
-                                         threads)
     machine["load_average_end"] = load_average()
     log("memory bandwidth and GEMM probes, again (the best of both runs is the limit)")
     bandwidth_after, gflops_after = measure_in_subprocess(threads, args.bandwidth_mb)
@@ -164,8 +195,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "threads": threads,
         "open_s": load_s,
         "inputs": inputs.describe(),
-        "settings": {"new_tokens": settings.new_tokens, "runs": settings.runs,
-                     "warmup": settings.warmup, "contexts": list(settings.contexts),
+        "settings": {"interleaved": interleave, "new_tokens": settings.new_tokens,
+                     "runs": settings.runs, "warmup": settings.warmup,
+                     "contexts": list(settings.contexts),
                      "context_steps": settings.context_steps, "seed": settings.seed},
         "machine": machine,
         "warnings": busy_warnings(machine),
@@ -173,7 +205,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "weight_bytes_method": (weight_method + "; the embedding gather (one row per token) "
                                 "and the KV cache reads are not counted"),
         "bandwidth": bandwidth.to_dict(),
-        "compute": {"gemm_gflops": gemm_gflops, "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
+        "compute": {"gemm_gflops": gemm_gflops,
+                    "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
                     "method": ("numpy (BLAS) fp32 [2048, 2048] GEMM, best repetition of two "
                                "probes; stage FLOPs = 2 x multiply-adds of every weight matmul "
                                "and attention product, from the model config (elementwise work "
@@ -188,6 +221,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
              "prefill of that many positions"),
             ("peak_rss_mb is the process peak (ru_maxrss) after all measurements of that stack; "
              "the torch reference runs in its own process"),
+            ("with --compare-torch the two stacks run their steps (warm-up, each run, each "
+             "context) alternately unless --sequential, so machine load hits both alike"),
         ],
     }
     if torch_result is not None:

@@ -4,7 +4,7 @@ Two measurements:
 
   generation   preprocess -> vision -> connector -> prefill -> first token, then new_tokens - 1
                decode steps, through the pipeline's own generation loop (MolmoPipeline.
-               _token_steps) so the numbers are those of the code users run. Stage times come
+               token_steps) so the numbers are those of the code users run. Stage times come
                from the pipeline's Timings; TTFT total and per-token latency are this module's
                wall clock around the loop (per-token = time between two tokens leaving the loop:
                embedding gather + decoder step + sampling).
@@ -90,7 +90,7 @@ def time_generation(pipe: MolmoPipeline, inputs: BenchInputs, new_tokens: int) -
     sampler = Sampler(SamplingParams())  # greedy: argmax over the vocabulary
     token_ms: list[float] = []
     first = last = 0.0
-    for i, _ in enumerate(pipe._token_steps(batch, new_tokens, sampler, timings)):
+    for i, _ in enumerate(pipe.token_steps(batch, new_tokens, sampler, timings)):
         now = time.perf_counter()
         if i == 0:
             first = now
@@ -127,29 +127,51 @@ def decode_steps_at_context(pipe: MolmoPipeline, context: int, steps: int, warmu
     return times
 
 
-def bench_stack(pipe: MolmoPipeline, inputs: BenchInputs, settings: BenchSettings,
-                log: Any = print) -> dict[str, Any]:
-    """Every measurement of one stack (runtime backend or torch reference) -> a result dict."""
-    gpu_peak: float | None = gpu_memory_used_mb()
-    for i in range(settings.warmup):
-        log(f"  warm-up {i + 1}/{settings.warmup}")
-        time_generation(pipe, inputs, settings.new_tokens)
-    samples = []
-    for i in range(settings.runs):
-        sample = time_generation(pipe, inputs, settings.new_tokens)
-        samples.append(sample)
-        log(f"  run {i + 1}/{settings.runs}: TTFT {sample.ttft_ms:.1f} ms, decode "
-            f"{1000.0 * len(sample.token_ms) / sum(sample.token_ms):.2f} tok/s")
-        gpu_peak = _max_or_none(gpu_peak, gpu_memory_used_mb())
-    rng = np.random.default_rng(settings.seed)
-    by_context: dict[str, dict[str, float]] = {}
-    for ctx in settings.contexts:
-        times = decode_steps_at_context(pipe, ctx, settings.context_steps,
-                                        max(1, settings.warmup), rng)
-        by_context[str(ctx)] = percentiles(times)
-        log(f"  decode step at context {ctx}: {by_context[str(ctx)]['p50_ms']:.2f} ms (median)")
-        gpu_peak = _max_or_none(gpu_peak, gpu_memory_used_mb())
-    return summarize(samples, by_context, peak_rss_mb(), gpu_peak)
+Step = tuple[str, int]  # ("warmup", i) | ("run", i) | ("context", length)
+
+
+def plan(settings: BenchSettings) -> list[Step]:
+    """The measurement steps of one stack, in order. Two stacks can run them interleaved, step
+    by step, so that both see the same machine load."""
+    return ([("warmup", i) for i in range(settings.warmup)]
+            + [("run", i) for i in range(settings.runs)]
+            + [("context", c) for c in settings.contexts])
+
+
+class StackBench:
+    """Every measurement of one stack (runtime backend or torch reference), one step at a time."""
+
+    def __init__(self, name: str, pipe: MolmoPipeline, inputs: BenchInputs,
+                 settings: BenchSettings, log: Any = print) -> None:
+        self.name, self.pipe, self.inputs, self.settings, self.log = (name, pipe, inputs,
+                                                                      settings, log)
+        self.samples: list[GenerationSample] = []
+        self.by_context: dict[str, dict[str, float]] = {}
+        self.rng = np.random.default_rng(settings.seed)
+        self.gpu_peak: float | None = gpu_memory_used_mb()
+
+    def step(self, kind: str, index: int) -> None:
+        st = self.settings
+        if kind == "warmup":
+            self.log(f"[{self.name}] warm-up {index + 1}/{st.warmup}")
+            time_generation(self.pipe, self.inputs, st.new_tokens)
+        elif kind == "run":
+            sample = time_generation(self.pipe, self.inputs, st.new_tokens)
+            self.samples.append(sample)
+            self.log(f"[{self.name}] run {index + 1}/{st.runs}: TTFT {sample.ttft_ms:.1f} ms, "
+                     f"decode {1000.0 * len(sample.token_ms) / sum(sample.token_ms):.2f} tok/s")
+        elif kind == "context":
+            times = decode_steps_at_context(self.pipe, index, st.context_steps,
+                                            max(1, st.warmup), self.rng)
+            self.by_context[str(index)] = percentiles(times)
+            self.log(f"[{self.name}] decode step at context {index}: "
+                     f"{self.by_context[str(index)]['p50_ms']:.2f} ms (median)")
+        else:
+            raise ValueError(f"unknown step {kind!r}")
+        self.gpu_peak = _max_or_none(self.gpu_peak, gpu_memory_used_mb())
+
+    def result(self) -> dict[str, Any]:
+        return summarize(self.samples, self.by_context, peak_rss_mb(), self.gpu_peak)
 
 
 def _max_or_none(a: float | None, b: float | None) -> float | None:

@@ -56,6 +56,12 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
         hi = [detail[c]["p90_ms"] - detail[c]["p50_ms"] for c in detail]
         ax_ctx.errorbar(ctx, p50, yerr=[lo, hi], marker="o", capsize=3, label=name)
         medians += p50
+    bound = report.get("bandwidth_bound_tokens_per_s")
+    if bound:  # a step cannot be faster than reading the runtime's decoder weights once
+        limit_ms = 1000.0 / bound
+        ax_ctx.axhline(limit_ms, ls="--", color="gray", lw=1,
+                       label=f"bandwidth limit, {stacks[0][0]} weights")
+        medians.append(limit_ms)
     ax_ctx.set_xscale("log", base=2)
     ax_ctx.set_xticks(ctx, [str(c) for c in ctx])
     if max(medians) > 20 * min(medians):  # stacks an order of magnitude apart: log scale
@@ -65,7 +71,7 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax_ctx.set_xlabel("context length (tokens)")
     ax_ctx.set_ylabel("decode step (ms): median, min–p90")
     ax_ctx.set_title("decode step latency vs context", fontsize=10)
-    ax_ctx.legend(fontsize=8)
+    ax_ctx.legend(fontsize=8, loc="best")
     ax_ctx.grid(alpha=0.3)
 
     art, m = report["artifact"], report["machine"]

@@ -42,8 +42,10 @@ def speedups(runtime: dict[str, Any], torch: dict[str, Any]) -> dict[str, Any]:
         "decode": runtime["decode"]["tokens_per_s"] / torch["decode"]["tokens_per_s"],
         "decode_p50": torch["decode"]["p50_ms"] / runtime["decode"]["p50_ms"],
         "ttft": torch["ttft_ms"]["total"] / runtime["ttft_ms"]["total"],
+        # stages under half a millisecond (synthetic inputs skip preprocessing) have no ratio
         "ttft_stages": {s: torch["ttft_ms"][s] / runtime["ttft_ms"][s]
-                        for s in STAGE_LABELS if runtime["ttft_ms"][s] > 0.01},
+                        for s in STAGE_LABELS if min(runtime["ttft_ms"][s],
+                                                     torch["ttft_ms"][s]) >= 0.5},
         "decode_step_by_context": {
             c: torch["decode_step_ms_by_context"][c] / ms
             for c, ms in runtime["decode_step_ms_by_context"].items()},

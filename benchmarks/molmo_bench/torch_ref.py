@@ -7,14 +7,16 @@ MolmoPipeline it runs the very generation loop the ONNX Runtime numbers come fro
 compares the compute engines, not two different loops. (The reference's own `generate` grows its
 cache with torch.cat every step, which would make torch look slower than it need be.)
 
-It runs in a child process (`run_in_subprocess`): the runtime process never imports torch, the
-ORT thread pool cannot steal cores from torch, and the child's peak RSS is torch's alone.
+It runs in a child process (`TorchWorker`) that the benchmark drives step by step: the runtime
+process never imports torch, the two stacks' steps can interleave (so both see the same machine
+load), and the child's peak RSS is torch's alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +30,7 @@ from molmo_runtime.manifest import Manifest, load_manifest
 from molmo_runtime.pipeline import MolmoPipeline
 
 from molmo_bench.inputs import BenchInputs
-from molmo_bench.measure import BenchSettings, bench_stack
+from molmo_bench.measure import BenchSettings, StackBench
 
 
 class TorchBackend(Backend):
@@ -115,9 +117,15 @@ def _check_same_weights(model: Any, manifest: Manifest, checkpoint: Path) -> Non
                          "the checkpoint it was exported from")
 
 
-def run_torch_reference(artifact_dir: str, torch_model: str | None, inputs: BenchInputs,
-                        settings: BenchSettings, threads: int) -> dict[str, Any]:
-    """Load the reference on the artifact's source checkpoint and bench it (in this process)."""
+# The child process's state: one loaded reference and its measurements.
+_BENCH: StackBench | None = None
+_EXTRA: dict[str, Any] = {}
+
+
+def _load(artifact_dir: str, torch_model: str | None, inputs: BenchInputs,
+          settings: BenchSettings, threads: int, quiet: bool) -> None:
+    """(In the child) load the reference on the artifact's source checkpoint."""
+    global _BENCH
     torch: Any = require("torch", "export", "--compare-torch")
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
@@ -131,23 +139,47 @@ def run_torch_reference(artifact_dir: str, torch_model: str | None, inputs: Benc
     _check_same_weights(model, manifest, checkpoint)
     processor = None
     if inputs.kind == "image":
-        from molmo_runtime.processing import MolmoProcessor  # type: ignore[import-not-found, unused-ignore]
+        from molmo_runtime.processing import MolmoProcessor
 
         processor = MolmoProcessor.from_pretrained(Path(artifact_dir))
     pipe = MolmoPipeline(manifest, TorchBackend(model, manifest.dims), processor)
-    result = bench_stack(pipe, inputs, settings, log=lambda s: print(f"[torch]{s}", flush=True))
-    result["weight_bytes"] = decoder_weight_bytes(model)
-    result["checkpoint"] = str(checkpoint)
-    result["threads"] = torch.get_num_threads()
-    result["torch_version"] = torch.__version__
-    return result
+    _BENCH = StackBench("torch", pipe, inputs, settings,
+                        log=lambda s: None if quiet else print(s, file=sys.stderr, flush=True))
+    _EXTRA.update(weight_bytes=decoder_weight_bytes(model), checkpoint=str(checkpoint),
+                  threads=torch.get_num_threads(), torch_version=torch.__version__)
 
 
-def run_in_subprocess(artifact_dir: str | os.PathLike[str], torch_model: str | None,
-                      inputs: BenchInputs, settings: BenchSettings,
-                      threads: int) -> dict[str, Any]:
-    """run_torch_reference in a fresh (spawned) process; returns its result dict."""
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        future = pool.submit(run_torch_reference, str(artifact_dir), torch_model, inputs,
-                             settings, threads)
-        return future.result()
+def _step(kind: str, index: int) -> None:
+    assert _BENCH is not None
+    _BENCH.step(kind, index)
+
+
+def _result() -> dict[str, Any]:
+    assert _BENCH is not None
+    return {**_BENCH.result(), **_EXTRA}
+
+
+class TorchWorker:
+    """The torch reference in a spawned child process, driven one step at a time, so its steps
+    can interleave with the runtime's. The runtime process never imports torch, and the child's
+    peak RSS is torch's alone."""
+
+    def __init__(self, artifact_dir: str | os.PathLike[str], torch_model: str | None,
+                 inputs: BenchInputs, settings: BenchSettings, threads: int,
+                 quiet: bool = False) -> None:
+        self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        try:
+            self._pool.submit(_load, str(artifact_dir), torch_model, inputs, settings,
+                              threads, quiet).result()
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, kind: str, index: int) -> None:
+        self._pool.submit(_step, kind, index).result()
+
+    def result(self) -> dict[str, Any]:
+        return self._pool.submit(_result).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)

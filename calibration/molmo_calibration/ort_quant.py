@@ -18,20 +18,16 @@ from molmo_calibration.graph_tools import (
     lm_head_nodes,
     needs_external_data,
     onnx_module,
+    quantization_module,
     save_model,
 )
 from molmo_calibration.recipes import GraphRecipe, Method
-from molmo_runtime.errors import require
 
 NBITS_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: the fast CPU kernels
 
 
-def _quantization() -> object:
-    return require("onnxruntime.quantization", "quant", "quantization")
-
-
 def quantize_dynamic_int8(src: Path, dst: Path) -> None:
-    q = _quantization()
+    q = quantization_module()
     q.quantize_dynamic(  # type: ignore[attr-defined]
         str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
         weight_type=q.QuantType.QInt8,  # type: ignore[attr-defined]
@@ -43,7 +39,7 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int,
                    lm_head_bits: int | None, vocab_rows: int) -> None:
     """Weight-only MatMulNBits; the LM head gets `lm_head_bits` when given."""
     onnx = onnx_module()
-    require("onnxruntime.quantization", "quant", "quantization")
+    quantization_module()
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     external = needs_external_data(src)

@@ -25,19 +25,15 @@ from molmo_calibration.graph_tools import (
     ensure_node_names,
     needs_external_data,
     onnx_module,
+    quantization_module,
     save_model,
     weight_matmuls,
 )
-from molmo_runtime.errors import require
-
-
-def _quantization() -> Any:
-    return require("onnxruntime.quantization", "quant", "quantization")
 
 
 def make_reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
     """A CalibrationDataReader over prepared input dicts (one graph run each)."""
-    q = _quantization()
+    q = quantization_module()
 
     class _ListReader(q.CalibrationDataReader):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -57,7 +53,7 @@ def quantize_qdq_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     """Static W8A8 QDQ of the weight matmuls, calibrated on `feeds`."""
     if not feeds:
         raise ValueError("static QDQ quantization needs at least one calibration input")
-    q = _quantization()
+    q = quantization_module()
     onnx = onnx_module()
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     processor (numpy) ─► vision ─► connector ─► embeddings + image tokens (numpy)
       ─► decoder prefill ─► [sampler ─► decoder step]* ─► text, points
 
-One generation loop (`_token_steps`) serves generate, stream and generate_from_inputs.
+One generation loop (`token_steps`) serves generate, stream and generate_from_inputs.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class MolmoPipeline:
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         ids: list[int] = []
         sent, text, finish = "", "", "length"  # sent: the prefix of `text` already yielded
-        for step in self._token_steps(batch, max_new_tokens, sampler, timings):
+        for step in self.token_steps(batch, max_new_tokens, sampler, timings):
             token = int(step[0])
             if token == self.eos_id:
                 finish = "eos"
@@ -188,7 +188,7 @@ class MolmoPipeline:
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         steps: list[np.ndarray] = []
         done = np.zeros(batch["input_ids"].shape[0], bool)
-        for step in self._token_steps(batch, max_new_tokens, sampler, Timings()):
+        for step in self.token_steps(batch, max_new_tokens, sampler, Timings()):
             step = np.where(done, self.eos_id, step)
             steps.append(step)
             if stop_at_eos:
@@ -239,9 +239,12 @@ class MolmoPipeline:
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
         return embeds, mask, positions
 
-    def _token_steps(self, batch: dict[str, np.ndarray], max_new_tokens: int,
+    def token_steps(self, batch: dict[str, np.ndarray], max_new_tokens: int,
                      sampler: Sampler, timings: Timings) -> Iterator[np.ndarray]:
-        """Yield the next token of every row ([B] int64), max_new_tokens times at most."""
+        """The generation loop under generate, stream and generate_from_inputs: yield the next
+        token of every row ([B] int64), max_new_tokens times at most, with no stopping rule of
+        its own (the caller stops iterating). `batch` holds the processor's arrays with a batch
+        axis; `timings` is filled in as the stages run (benchmarks time the loop from outside)."""
         ids = np.asarray(batch["input_ids"])
         self._check_length(ids.shape[-1], max_new_tokens)
         clock = _Clock()

@@ -103,13 +103,17 @@ def test_bench_cli_on_demo_is_torch_free(demo_artifact: Path, tmp_path: Path) ->
     assert "| **TTFT total** (ms) |" in table and "decode step at context 64" in table
 
 
-def test_compare_torch_adds_reference_and_speedups(demo_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["interleaved", "sequential"])
+def test_compare_torch_adds_reference_and_speedups(demo_artifact: Path, tmp_path: Path,
+                                                   mode: str) -> None:
     pytest.importorskip("torch")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main([str(demo_artifact), *TINY, "--compare-torch", "--json", str(out_json),
+    extra = ["--sequential"] if mode == "sequential" else []
+    rc = main([str(demo_artifact), *TINY, *extra, "--compare-torch", "--json", str(out_json),
                "--plot", str(out_png)])
     assert rc == 0
     report = json.loads(out_json.read_text())
+    assert report["settings"]["interleaved"] == (mode == "interleaved")
     check_stack(report, ("16", "64"))
     check_stack(report["torch"], ("16", "64"))
     # Same weights on both sides: the decoder's fp32 initializers are the torch decoder's
@@ -125,6 +129,21 @@ def test_compare_torch_adds_reference_and_speedups(demo_artifact: Path, tmp_path
     assert set(sp["decode_step_by_context"]) == {"16", "64"}
     assert set(sp["ttft_stages"]) >= {"vision", "connector", "prefill"}
     check_png(out_png)
+
+
+def test_image_input_times_the_real_processor(demo_artifact: Path, tmp_path: Path) -> None:
+    image = Path(__file__).resolve().parents[2] / "runtime/molmo_runtime/assets/demo.jpg"
+    out_json = tmp_path / "r.json"
+    rc = main([str(demo_artifact), "--image", str(image), "--runs", "1", "--warmup", "0",
+               "--new-tokens", "4", "--contexts", "16", "--context-steps", "2",
+               "--bandwidth-mb", "64", "--quiet", "--json", str(out_json)])
+    assert rc == 0
+    report = json.loads(out_json.read_text())
+    assert report["inputs"]["kind"] == "image"
+    assert report["ttft_ms"]["preprocess"] > 0  # the processor ran inside the timed region
+    # the processor tiled the photo into >= 1 crop plus the overview, with image tokens
+    assert report["crops"] >= 2
+    assert report["prefill_tokens"] > report["crops"] * 144
 
 
 @pytest.mark.parametrize("extra, message", [

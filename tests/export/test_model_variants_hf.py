@@ -59,6 +59,21 @@ def compare(ours: Any, theirs: Any) -> None:
     torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=0)
 
 
+def copy_attention(ours: Any, sd: dict[str, Any], attn_norm: str, mlp_norm: str) -> None:
+    """The final norm and every layer's attention (QK-norm included) and the two norms, from a
+    transformers state dict; the MLP is left to the caller. attn_norm / mlp_norm name the
+    transformers norms that play our attn_norm / mlp_norm roles."""
+    ours.norm.weight.copy_(sd["norm.weight"])
+    for i, layer in enumerate(ours.layers):
+        p = f"layers.{i}."
+        for x in "qkvo":
+            getattr(layer.attn, f"w{x}").weight.copy_(sd[p + f"self_attn.{x}_proj.weight"])
+        layer.attn.q_norm.weight.copy_(sd[p + "self_attn.q_norm.weight"])
+        layer.attn.k_norm.weight.copy_(sd[p + "self_attn.k_norm.weight"])
+        layer.attn_norm.weight.copy_(sd[p + attn_norm + ".weight"])
+        layer.mlp_norm.weight.copy_(sd[p + mlp_norm + ".weight"])
+
+
 def test_post_norm_qk_norm_decoder_matches_olmo2() -> None:
     text = MolmoTextConfig(hidden_size=D, num_layers=2, num_heads=HEADS, num_kv_heads=KV,
                            head_dim=HD, intermediate_size=2 * I_HALF, vocab_size=512,
@@ -74,15 +89,9 @@ def test_post_norm_qk_norm_decoder_matches_olmo2() -> None:
     ours = ours_for(text)
     sd = theirs.state_dict()
     with torch.no_grad():
-        ours.norm.weight.copy_(sd["norm.weight"])
+        copy_attention(ours, sd, "post_attention_layernorm", "post_feedforward_layernorm")
         for i, layer in enumerate(ours.layers):
             p = f"layers.{i}."
-            for x in "qkvo":
-                getattr(layer.attn, f"w{x}").weight.copy_(sd[p + f"self_attn.{x}_proj.weight"])
-            layer.attn.q_norm.weight.copy_(sd[p + "self_attn.q_norm.weight"])
-            layer.attn.k_norm.weight.copy_(sd[p + "self_attn.k_norm.weight"])
-            layer.attn_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
-            layer.mlp_norm.weight.copy_(sd[p + "post_feedforward_layernorm.weight"])
             for x in ("gate", "up", "down"):
                 getattr(layer.mlp, x).weight.copy_(sd[p + f"mlp.{x}_proj.weight"])
     compare(ours, theirs)
@@ -106,15 +115,9 @@ def test_moe_decoder_matches_olmoe() -> None:
     ours = ours_for(text)
     sd = theirs.state_dict()
     with torch.no_grad():
-        ours.norm.weight.copy_(sd["norm.weight"])
+        copy_attention(ours, sd, "input_layernorm", "post_attention_layernorm")
         for i, layer in enumerate(ours.layers):
             p = f"layers.{i}."
-            for x in "qkvo":
-                getattr(layer.attn, f"w{x}").weight.copy_(sd[p + f"self_attn.{x}_proj.weight"])
-            layer.attn.q_norm.weight.copy_(sd[p + "self_attn.q_norm.weight"])
-            layer.attn.k_norm.weight.copy_(sd[p + "self_attn.k_norm.weight"])
-            layer.attn_norm.weight.copy_(sd[p + "input_layernorm.weight"])
-            layer.mlp_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
             layer.mlp.router.weight.copy_(sd[p + "mlp.gate.weight"])
             gate_up = sd[p + "mlp.experts.gate_up_proj"]  # [E, 2I, D]: gate rows, then up rows
             layer.mlp.gate_proj.copy_(gate_up[:, :hidden])
