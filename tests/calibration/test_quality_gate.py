@@ -4,8 +4,8 @@ the artifact with allow_degraded; bad sources and targets get clear errors."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

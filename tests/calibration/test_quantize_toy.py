@@ -5,8 +5,9 @@ recipe put the quantized ops where it says (and only there)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
