@@ -240,7 +240,7 @@ class MolmoPipeline:
         return embeds, mask, positions
 
     def token_steps(self, batch: dict[str, np.ndarray], max_new_tokens: int,
-                     sampler: Sampler, timings: Timings) -> Iterator[np.ndarray]:
+                    sampler: Sampler, timings: Timings) -> Iterator[np.ndarray]:
         """The generation loop under generate, stream and generate_from_inputs: yield the next
         token of every row ([B] int64), max_new_tokens times at most, with no stopping rule of
         its own (the caller stops iterating). `batch` holds the processor's arrays with a batch
