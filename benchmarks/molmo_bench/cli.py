@@ -152,16 +152,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         log(f"{backend_name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
             f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}"
             + (", interleaved step by step with the PyTorch reference" if interleave else ""))
-        ort_bench = StackBench(backend_name, pipe, inputs, settings, log=log)
+        runtime_bench = StackBench(backend_name, pipe, inputs, settings, log=log)
         for kind, index in plan(settings):
-            ort_bench.step(kind, index)
+            runtime_bench.step(kind, index)
             if worker is not None:
                 time.sleep(SWITCH_PAUSE_S)
                 worker.step(kind, index)
                 time.sleep(SWITCH_PAUSE_S)
-        runtime = ort_bench.result()
+        runtime = runtime_bench.result()
         pipe.backend.close()
-        del pipe, ort_bench  # free the sessions (and their threads) before anything else runs
+        del pipe, runtime_bench  # free the sessions and their threads before anything else runs
         gc.collect()
         if args.compare_torch and worker is None:  # --sequential: torch after ORT is gone
             worker = _start_torch(args, inputs, settings, threads, log)
