@@ -41,6 +41,15 @@ def _export_parser() -> argparse.ArgumentParser:
                         "+ prompts.jsonl")
     p.add_argument("--allow-degraded", action="store_true",
                    help="warn instead of failing when quantized quality is below thresholds")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="weight type of the ONNX graphs: fp16 halves disk for GPU targets "
+                        "(--target onnx only; default fp32, the fast type for ORT on CPU)")
+    stream = p.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="export without loading the model: graphs traced with fake "
+                             "weights, weights written from the checkpoint one tensor at a "
+                             "time (default: for checkpoints over 4 GiB and for --dtype fp16)")
+    stream.add_argument("--no-stream", dest="stream", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     return p
@@ -59,7 +68,8 @@ def main_export(argv: list[str] | None = None) -> int:
                                max_seq_len=args.max_seq_len, opset=args.opset, force=args.force,
                                verify=args.verify, from_onnx=args.from_onnx,
                                calibration_set=args.calibration_set,
-                               allow_degraded=args.allow_degraded, progress=args.progress)
+                               allow_degraded=args.allow_degraded, progress=args.progress,
+                               stream=args.stream, dtype=args.dtype)
     except MolmoError as e:
         print(f"molmo-export: error: {e}", file=sys.stderr)
         return 2

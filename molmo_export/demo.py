@@ -214,12 +214,13 @@ def init_rule(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, scale / math.sqrt(fan_in)
 
 
-def _shards(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+def _shards(shapes: dict[str, tuple[int, ...]], itemsize: int = 4,
+            shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
-        nbytes = 4 * math.prod(shape)
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        nbytes = itemsize * math.prod(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
@@ -227,15 +228,19 @@ def _shards(shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
     return shards
 
 
-def write_random_weights(cfg: MolmoConfig, directory: Path, seed: int = SEED) -> None:
-    """model.safetensors (or shards + index) with official names, float32, drawn per tensor in
-    sorted name order from one seeded generator; one shard in memory at a time."""
+def write_random_weights(cfg: MolmoConfig, directory: Path, seed: int = SEED,
+                         dtype: Any = None, shard_bytes: int = SHARD_BYTES) -> None:
+    """model.safetensors (or shards + index) with official names, `dtype` (default float32),
+    drawn per tensor in sorted name order from one seeded generator (in float32, then cast);
+    one shard (plus one float32 tensor) in memory at a time."""
     import torch
     from safetensors.torch import save_file
 
+    dtype = dtype or torch.float32
+    itemsize = torch.empty((), dtype=dtype).element_size()
     shapes = official_shapes(cfg)
     gen = torch.Generator().manual_seed(seed)
-    shards = _shards(shapes)
+    shards = _shards(shapes, itemsize, shard_bytes)
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map: dict[str, str] = {}
@@ -243,17 +248,18 @@ def write_random_weights(cfg: MolmoConfig, directory: Path, seed: int = SEED) ->
         tensors = {}
         for name in names:
             mean, std = init_rule(name, shapes[name])
-            tensors[name] = torch.randn(shapes[name], generator=gen).mul_(std).add_(mean)
+            tensors[name] = torch.randn(shapes[name], generator=gen).mul_(std).add_(mean).to(dtype)
             weight_map[name] = file
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
-        total = sum(4 * math.prod(s) for s in shapes.values())
+        total = sum(itemsize * math.prod(s) for s in shapes.values())
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED) -> None:
+def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED, dtype: Any = None,
+                     shard_bytes: int = SHARD_BYTES) -> None:
     """All files of a random-weight checkpoint into an existing empty directory."""
     if cfg.text.is_moe:
         (directory / "config.json").write_text(json.dumps(full_config(cfg), indent=2) + "\n")
@@ -263,7 +269,7 @@ def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED) -> Non
     (directory / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(cfg), indent=2) + "\n")
     write_tokenizer(cfg, directory)
-    write_random_weights(cfg, directory, seed)
+    write_random_weights(cfg, directory, seed, dtype, shard_bytes)
 
 
 # -- materialising a preset ----------------------------------------------------------------------

@@ -64,17 +64,18 @@ class CheckpointWeights:
         return n
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Parameter `name` as a new CPU tensor of `dtype` (default float32)."""
+        """Parameter `name` as a CPU tensor of `dtype` (None: the checkpoint's own dtype for a
+        parameter cut from one official tensor, float32 for one assembled from several)."""
         import torch
 
-        dtype = dtype or torch.float32
         sources = self._sources.get(name)
         if sources is None:
             raise KeyError(f"{name} is not a parameter of {self.config.name}")
         if len(sources) == 1 and sources[0][1].index is None:  # one official tensor (or rows)
             entry, w = sources[0]
             tensor = self._read(entry.official, w.src_rows)
-            return tensor.to(dtype).contiguous()
+            return tensor if dtype is None else tensor.to(dtype).contiguous()
+        dtype = dtype or torch.float32
         out = torch.empty(self.shapes[name], dtype=dtype)
         for entry, w in sources:
             src = self._read(entry.official, w.src_rows)

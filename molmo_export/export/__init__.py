@@ -46,13 +46,29 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
                     force: bool = False, verify: bool = True, from_onnx: bool = False,
                     calibration_set: str | os.PathLike[str] = "default",
                     allow_degraded: bool = False, progress: bool = True,
+                    stream: bool | None = None, dtype: str = "fp32",
                     log: Callable[[str], None] = print) -> Path:
     """Export `model` (a checkpoint directory or a preset name such as "demo") for `target`.
 
     Returns the artifact directory. See the README for what each target produces.
+    stream: build the graphs without loading the model (molmo_export.export.streaming); None
+    chooses it for checkpoints above STREAM_ABOVE_BYTES and for dtype "fp16".
     """
     check_target(target)
     out = Path(out)
+    if not from_onnx and _streams(model, stream, dtype):
+        from molmo_export.export.streaming import export_streaming_artifact
+
+        export_streaming_artifact(model, out, target=target, dtype=dtype, max_crops=max_crops,
+                                  max_seq_len=max_seq_len, opset=opset, force=force,
+                                  progress=progress, log=log)
+        if verify and target in ("onnx", "ort-fp32") and dtype == "fp32" and stream:
+            from molmo_export.verify import verify_artifact  # asked for: the model fits
+
+            verify_artifact(out, model, log=log)
+        return out
+    if dtype != "fp32":
+        raise MolmoError(f"--dtype {dtype} needs the streaming exporter (drop --no-stream)")
     if from_onnx:
         if not target.startswith("trt-"):
             raise MolmoError("--from-onnx builds TensorRT engines from an existing artifact; "
@@ -77,6 +93,25 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
 
         build_engines(out, target, progress=progress)
     return out
+
+
+# Checkpoints above this are exported by streaming (the in-memory path holds an fp32 copy of the
+# weights, 2x a bf16 checkpoint, plus the largest graph: about 4x the checkpoint's bytes).
+STREAM_ABOVE_BYTES = 4 << 30
+
+
+def _streams(model: str | os.PathLike[str], stream: bool | None, dtype: str) -> bool:
+    if stream is not None:
+        return stream
+    if dtype != "fp32":
+        return True
+    from molmo_export.config import RANDOM_WEIGHT_PRESETS
+
+    if str(model) in RANDOM_WEIGHT_PRESETS or not Path(model).is_dir():
+        return False
+    from molmo_export.export.streaming import checkpoint_bytes
+
+    return checkpoint_bytes(Path(model)) > STREAM_ABOVE_BYTES
 
 
 def export_environment() -> dict[str, Any]:

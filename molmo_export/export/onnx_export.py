@@ -57,9 +57,34 @@ def graph_dims(config: MolmoConfig, max_crops: int, max_seq_len: int) -> GraphDi
 def write_embeddings(model: MolmoForConditionalGeneration, path: Path) -> None:
     table = model.language_model.model.embed_tokens
     weight = table.weight if hasattr(table, "weight") else table
-    arr = weight.detach().to(torch.float32).cpu().numpy()  # [rows, D], a view, no copy
+    save_embeddings(weight.detach().to(torch.float32).cpu().numpy(), path)  # a view, no copy
+
+
+def save_embeddings(table: np.ndarray, path: Path) -> None:
+    """embed_tokens.npy: the float32 [rows, D] table the runtime gathers rows from (mmap)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr)
+        np.save(f, table)
+
+
+def artifact_manifest(config: MolmoConfig, source: str, target: str, precision: dict[str, str],
+                      opset: int, dims: GraphDims, specs: dict[str, Any], max_crops: int,
+                      max_seq_len: int, has_tokenizer: bool) -> dict[str, Any]:
+    """The manifest fields every exported artifact has (files are added at commit)."""
+    return {
+        "exporter_version": __version__,
+        "created_utc": utc_now(),
+        "model": {"name": config.name, "source": source, "config": config.to_dict()},
+        "target": target,
+        "precision": precision,
+        "opset": opset,
+        "dims": dims.to_dict(),
+        "graphs": {name: spec.to_dict() for name, spec in specs.items()},
+        "special_tokens": dict(vars(config.tokens)),
+        "max_crops": max_crops,
+        "max_seq_len": max_seq_len,
+        "has_tokenizer": has_tokenizer,
+        "environment": export_environment(),
+    }
 
 
 def write_processor_files(checkpoint: Path, staging: Path, max_crops: int,
@@ -113,22 +138,9 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
         write_embeddings(ref, writer.path(EMBED_FILE))
         has_tokenizer = write_processor_files(checkpoint, writer.staging, max_crops, log)
         steps.update()
-        manifest: dict[str, Any] = {
-            "exporter_version": __version__,
-            "created_utc": utc_now(),
-            "model": {"name": config.name, "source": str(model), "config": config.to_dict()},
-            "target": target,
-            "precision": {name: "fp32" for name in specs},
-            "opset": opset or DEFAULT_OPSET,
-            "dims": dims.to_dict(),
-            "graphs": {name: spec.to_dict() for name, spec in specs.items()},
-            "special_tokens": dict(vars(config.tokens)),
-            "max_crops": max_crops,
-            "max_seq_len": max_seq_len,
-            "has_tokenizer": has_tokenizer,
-            "environment": export_environment(),
-        }
-        writer.commit(manifest)
+        writer.commit(artifact_manifest(
+            config, str(model), target, {name: "fp32" for name in specs}, opset or DEFAULT_OPSET,
+            dims, specs, max_crops, max_seq_len, has_tokenizer))
         steps.update()
     except BaseException:
         writer.abort()

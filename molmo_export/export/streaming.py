@@ -1,0 +1,270 @@
+"""Streaming export: graphs traced without weights, initializers filled from the checkpoint.
+
+    model built under FakeTensorMode (shapes only, no memory)
+      ─► torch.onnx.export(dynamo, optimize=False) per graph: the graph template
+      ─► Transpose nodes on a weight become WeightRef(param, perm) initializers (what the
+         optimizer's constant folding does with real weights: the same graph results)
+      ─► onnxscript's optimizer (weights are opaque to it: nothing large is folded)
+      ─► molmo_calibration.streaming.write_graph: every WeightRef read from the checkpoint one
+         tensor at a time (molmo_export.weights), converted (fp32 / fp16) or quantized on the
+         way, appended to <graph>.onnx.data
+
+Peak memory: the largest tensor (a few copies of it) plus the graph protos, whatever the model's
+size; the checkpoint is read in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from molmo_export.config import MolmoConfig
+from molmo_export.export.graphs import ConnectorGraph, DecoderGraph, VisionEncoderGraph
+from molmo_export.export.onnx_graph import dynamic_shapes_for, example_input
+from molmo_export.weights import CheckpointWeights
+from molmo_runtime.errors import MolmoError
+from molmo_runtime.graph_io import (
+    CONNECTOR,
+    DECODER,
+    VISION_ENCODER,
+    GraphSpec,
+    all_graph_specs,
+)
+
+ADAPTERS = {VISION_ENCODER: VisionEncoderGraph, CONNECTOR: ConnectorGraph, DECODER: DecoderGraph}
+# Marks an initializer whose bytes come from the checkpoint (external_data "location").
+WEIGHT_LOCATION = "molmo-checkpoint:"
+SMALL_WEIGHT = 1024  # elements: onnx_ir's DeduplicateInitializersPass reads up to this size
+
+
+def fake_model(cfg: MolmoConfig) -> torch.nn.Module:
+    """The reference model with fake parameters: right shapes and dtypes, no storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from molmo_export.model import MolmoForConditionalGeneration
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = MolmoForConditionalGeneration(cfg)
+    return model.eval().requires_grad_(False)
+
+
+def trace_template(model: torch.nn.Module, graph: str, spec: GraphSpec, opset: int,
+                   read: Callable[[str], np.ndarray | None]) -> Any:
+    """One graph of `model` (fake weights) as an onnx.ModelProto whose weight initializers are
+    external references WEIGHT_LOCATION + "<param>" [+ "|<perm>"] (see weight_ref).
+
+    Weights of at most SMALL_WEIGHT elements are read (`read`, checkpoint_reader) and kept in the
+    proto: the optimizer inspects such small constants (deduplication), as it does in the
+    in-memory export, so both see the same graph."""
+    import onnx_ir as ir
+
+    adapter = ADAPTERS[graph](model)
+    full_name = {id(p): n for n, p in model.named_parameters()}
+    params = {n: full_name[id(p)] for n, p in adapter.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    args = tuple(example_input(t, gen) for t in spec.inputs)
+    log = io.StringIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                adapter, args, dynamo=True, opset_version=opset,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=dynamic_shapes_for(spec, getattr(adapter, "varargs_from", None)),
+                optimize=False, verbose=False)
+    except Exception as e:
+        raise MolmoError(f"ONNX export of {graph} failed: {e}\n{log.getvalue()[-4000:]}") from e
+    assert program is not None
+    g = program.model.graph
+
+    def placeholder(name: str, param: str, perm: tuple[int, ...] | None,
+                    dtype: Any, shape: Any) -> Any:
+        """Bytes that live in the checkpoint: an external reference the writer resolves (and
+        that the optimizer never folds: nothing it would fold reads a weight any more)."""
+        location = WEIGHT_LOCATION + param + ("" if perm is None else
+                                              "|" + ",".join(map(str, perm)))
+        if int(np.prod([int(d) for d in shape])) <= SMALL_WEIGHT:
+            return ir.tensor(read(location), name=name)
+        nbytes = dtype.itemsize * int(np.prod([int(d) for d in shape]))
+        return ir.ExternalTensor(location, offset=0, length=nbytes, dtype=dtype, shape=shape,
+                                 name=name)
+
+    for name, value in list(g.initializers.items()):
+        if name not in params:
+            continue
+        for node, _ in list(value.uses()):
+            if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+                continue
+            perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else \
+                tuple(reversed(range(len(value.shape))))
+            shape = ir.Shape([value.shape[i] for i in perm])
+            folded_name = f"{name}|{','.join(map(str, perm))}"
+            folded = ir.Value(name=folded_name, shape=shape, type=ir.TensorType(value.dtype),
+                              const_value=placeholder(folded_name, params[name], perm,
+                                                      value.dtype, shape))
+            g.register_initializer(folded)
+            node.outputs[0].replace_all_uses_with(folded)
+            g.remove(node, safe=True)
+        value.const_value = placeholder(name, params[name], None, value.dtype, value.shape)
+        if not value.uses():
+            g.initializers.pop(name)
+    program.optimize()
+    return ir.to_proto(program.model)
+
+
+def weight_ref(location: str) -> tuple[str, tuple[int, ...] | None] | None:
+    """(param, perm) of a template initializer's external location, None for other files."""
+    if not location.startswith(WEIGHT_LOCATION):
+        return None
+    param, _, perm = location[len(WEIGHT_LOCATION):].partition("|")
+    return param, tuple(int(i) for i in perm.split(",")) if perm else None
+
+
+def checkpoint_reader(weights: CheckpointWeights) -> Callable[[str], np.ndarray | None]:
+    """location -> float32 array (transposed as the template asks), None if not ours."""
+
+    def read(location: str) -> np.ndarray | None:
+        ref = weight_ref(location)
+        if ref is None:
+            return None
+        param, perm = ref
+        tensor = weights.get(param, dtype=None)  # the checkpoint's dtype (bf16: half the bytes)
+        if perm is not None:
+            tensor = tensor.permute(perm)
+        out = tensor.to(torch.float32, memory_format=torch.contiguous_format)
+        del tensor
+        return out.numpy()
+
+    return read
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    from molmo_export.checkpoint import weight_files
+
+    return sum(f.stat().st_size for f in weight_files(directory))
+
+
+def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                              target: str = "onnx", dtype: str = "fp32", max_crops: int = 12,
+                              max_seq_len: int | None = None, opset: int | None = None,
+                              force: bool = False, progress: bool = True,
+                              log: Callable[[str], None] = print) -> Path:
+    """Checkpoint -> artifact for `target` ("onnx", "ort-fp32", "ort-int8", "ort-int4") without
+    ever holding the model: see the module docstring.
+
+    Quantized targets are quantized on the way (MatMulNBits decoder from the checkpoint; the
+    encoders, small at every Molmo size, through ORT's quantize_dynamic from an fp32 scratch
+    copy), so no fp32 copy of the decoder is ever written. Their quality is NOT measured here:
+    the quality gate needs an fp32 reference run, which is what does not fit (manifest
+    "quality": {"measured": false}); measure it with molmo-calibration where the fp32 artifact
+    fits, or stage by stage.
+    """
+    import onnxruntime
+    from tqdm.auto import tqdm
+
+    from molmo_calibration.ort_quant import quantize_dynamic_int8
+    from molmo_calibration.recipes import RECIPES
+    from molmo_calibration.streaming import NBits, write_graph
+    from molmo_export.export import QUANTIZED_TARGETS
+    from molmo_export.export.artifact_dir import ArtifactWriter
+    from molmo_export.export.onnx_export import (
+        EMBED_FILE,
+        artifact_manifest,
+        graph_dims,
+        resolve_checkpoint,
+        save_embeddings,
+        write_processor_files,
+    )
+    from molmo_export.export.onnx_graph import DEFAULT_OPSET, check_graph_file
+
+    if target not in ("onnx", "ort-fp32", *QUANTIZED_TARGETS) or target == "trt-int8":
+        raise MolmoError(f"--stream builds onnx, ort-fp32, ort-int8 and ort-int4 artifacts, not "
+                         f"{target}")
+    if dtype != "fp32" and target != "onnx":
+        raise MolmoError(f"--dtype {dtype} is for --target onnx (GPU builds); ONNX Runtime CPU "
+                         "targets keep fp32 weights (fp16 runs slower there)")
+    if not 1 <= max_crops <= 12:
+        raise MolmoError(f"--max-crops {max_crops}: Molmo tiles an image into 1..12 crops")
+    opset = opset or DEFAULT_OPSET
+    checkpoint = resolve_checkpoint(model)
+    weights = CheckpointWeights(checkpoint)
+    config = weights.config
+    max_seq_len = max_seq_len or config.text.max_position_embeddings
+    if max_seq_len > config.text.max_position_embeddings:
+        raise MolmoError(f"--max-seq-len {max_seq_len} exceeds the model's "
+                         f"{config.text.max_position_embeddings} positions")
+    dims = graph_dims(config, max_crops, max_seq_len)
+    specs = all_graph_specs(dims)
+    recipe = RECIPES[QUANTIZED_TARGETS[target]] if target in QUANTIZED_TARGETS else None
+    read = checkpoint_reader(weights)
+    fake = fake_model(config)
+    writer = ArtifactWriter(out, force=force)
+    precision: dict[str, str] = {}
+    steps = tqdm(total=len(specs) + 1, desc="molmo-export (streaming)", unit="graph",
+                 disable=not progress)
+    try:
+        for graph, spec in specs.items():
+            steps.set_postfix_str(graph)
+            dest = writer.path(spec.file)
+            template = trace_template(fake, graph, spec, opset, read)
+            method = recipe.graphs[graph] if recipe else None
+            if method is None:
+                write_graph(template, dest, read=read, dtype=dtype)
+                precision[graph] = dtype
+            elif method.method == "int8-dynamic":
+                scratch = writer.path(f".scratch/{graph}.onnx")
+                write_graph(template, scratch, read=read)
+                del template
+                quantize_dynamic_int8(scratch, dest)
+                shutil.rmtree(scratch.parent)
+                precision[graph] = method.method
+            else:
+                bits = {"int8-weight-only-nbits": 8, "int4-weight-only-nbits": 4}[method.method]
+                head = {None: None, "int8-weight-only-nbits": 8,
+                        "int4-weight-only-nbits": 4}[method.lm_head]
+                write_graph(template, dest, read=read,
+                            nbits=NBits(bits, method.block_size, head, dims.vocab_rows))
+                precision[graph] = method.method
+            check_graph_file(dest, spec)
+            steps.update()
+        steps.set_postfix_str("embeddings, tokenizer")
+        save_embeddings(weights.get("language_model.model.embed_tokens.weight",
+                                    torch.float32).numpy(), writer.path(EMBED_FILE))
+        has_tokenizer = write_processor_files(checkpoint, writer.staging, max_crops, log)
+        manifest = artifact_manifest(config, str(model), target if recipe is None else "onnx",
+                                     precision, opset, dims, specs, max_crops, max_seq_len,
+                                     has_tokenizer)
+        manifest["streaming"] = {"weights_dtype": dtype, "checkpoint": str(checkpoint)}
+        if recipe is not None:
+            manifest.update(
+                target=recipe.manifest_target,
+                quantization={"target": recipe.target, "precision": recipe.precision,
+                              "methods": dict(precision), "tool": "molmo_calibration.streaming",
+                              "onnxruntime": onnxruntime.__version__,
+                              "source": {"target": "checkpoint"}},
+                calibration=None,
+                quality={"measured": False,
+                         "reason": "streaming export: no fp32 reference run fits in memory; "
+                                   "see docs/scale.md"})
+            log(f"note: the quality of this {target} artifact was not measured (streaming "
+                "export); see docs/scale.md")
+        writer.commit(manifest)
+        steps.update()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        steps.close()
+    return Path(out)
