@@ -12,8 +12,9 @@ nbits: every MatMul with a constant B becomes MatMulNBits exactly as ort_quant.q
 makes it, because it is made by the same code: ONNX Runtime's MatMulNBitsQuantizer, run on a
 one-node model holding just that MatMul and its weight (the quantizer handles nodes one by one,
 so the result is the same node and the same bytes as quantizing the whole graph).
-fp16: float weights are stored as float16 and a Cast to float32 follows each one, so graph I/O
-and compute stay float32 (the weights' disk size halves; ORT folds the Casts at load).
+fp16: the float weights stored outside the proto (the large ones) are stored as float16 and a
+Cast to float32 follows each one, so graph I/O and compute stay float32 (the weights' disk size
+halves; ORT folds the Casts at load). Small constants (norm weights, rotary tables) stay float32.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class _DataFile:
 
     def tensor(self, name: str, array: np.ndarray) -> Any:
         onnx = onnx_module()
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
         if array.nbytes < INLINE_BYTES:
             return onnx.numpy_helper.from_array(array, name)
         proto = onnx.TensorProto(name=name, dims=array.shape,
@@ -172,6 +173,7 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
     with atomic_path(dest.with_name(dest.name + ".data")) as tmp_data, open(tmp_data, "wb") as f:
         data = _DataFile(f, dest.name + ".data")
         for name, tensor in inits.items():
+            external = _external_location(tensor) is not None  # a weight, not a small constant
             array = read_initializer(tensor, base_dir, read)
             node = to_quantize.get(name)
             if node is not None and array.ndim == 2 and array.dtype == np.float32:
@@ -185,7 +187,7 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
                 replaced[node.name] = nodes
                 new_inits.extend(data.proto(t) for t in made)
                 continue
-            if dtype == "fp16" and array.dtype == np.float32 and array.nbytes >= INLINE_BYTES:
+            if dtype == "fp16" and array.dtype == np.float32 and external:
                 new_inits.append(data.tensor(name + "_fp16", array.astype(np.float16)))
                 casts.append(onnx.helper.make_node("Cast", [name + "_fp16"], [name],
                                                    name=f"Cast_{name}_to_fp32",

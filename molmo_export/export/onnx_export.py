@@ -54,6 +54,19 @@ def graph_dims(config: MolmoConfig, max_crops: int, max_seq_len: int) -> GraphDi
                      vocab_rows=t.embedding_size, max_crops=max_crops, max_seq_len=max_seq_len)
 
 
+def check_max_crops(max_crops: int) -> None:
+    if not 1 <= max_crops <= 12:
+        raise MolmoError(f"--max-crops {max_crops}: Molmo tiles an image into 1..12 crops")
+
+
+def checked_max_seq_len(config: MolmoConfig, max_seq_len: int | None) -> int:
+    """--max-seq-len, defaulting to (and at most) the model's positions."""
+    positions = config.text.max_position_embeddings
+    if max_seq_len is not None and max_seq_len > positions:
+        raise MolmoError(f"--max-seq-len {max_seq_len} exceeds the model's {positions} positions")
+    return max_seq_len or positions
+
+
 def write_embeddings(model: MolmoForConditionalGeneration, path: Path) -> None:
     table = model.language_model.model.embed_tokens
     weight = table.weight if hasattr(table, "weight") else table
@@ -111,8 +124,7 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
                          log: Callable[[str], None] = print) -> Path:
     from tqdm.auto import tqdm
 
-    if not 1 <= max_crops <= 12:
-        raise MolmoError(f"--max-crops {max_crops}: Molmo tiles an image into 1..12 crops")
+    check_max_crops(max_crops)
     checkpoint = resolve_checkpoint(model)
     writer = ArtifactWriter(out, force=force)
     steps = tqdm(total=6, desc="molmo-export", unit="step", disable=not progress)
@@ -120,10 +132,7 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
         steps.set_postfix_str("loading checkpoint")
         ref = MolmoForConditionalGeneration.from_pretrained(checkpoint).eval()
         config = ref.config
-        max_seq_len = max_seq_len or config.text.max_position_embeddings
-        if max_seq_len > config.text.max_position_embeddings:
-            raise MolmoError(f"--max-seq-len {max_seq_len} exceeds the model's "
-                             f"{config.text.max_position_embeddings} positions")
+        max_seq_len = checked_max_seq_len(config, max_seq_len)
         dims = graph_dims(config, max_crops, max_seq_len)
         specs = all_graph_specs(dims)
         steps.update()

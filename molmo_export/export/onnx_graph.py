@@ -59,12 +59,10 @@ def dynamic_shapes_for(spec: GraphSpec, varargs_from: int | None = None) -> tupl
     return tuple(out)
 
 
-def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path,
-                 opset: int = DEFAULT_OPSET) -> None:
-    """Trace `module` with dynamo and write `path` (+ `path.data` when weights exceed 2 GB).
-
-    The caller writes into a staging directory; this function does not rename anything.
-    """
+def trace(module: torch.nn.Module, spec: GraphSpec, opset: int = DEFAULT_OPSET,
+          optimize: bool = True) -> Any:
+    """torch.onnx.export (dynamo) of `module` with the spec's I/O names and dynamic dims; the
+    ONNXProgram. The exporter's chatter is kept and shown only when it fails."""
     gen = torch.Generator().manual_seed(0)
     args = tuple(example_input(t, gen) for t in spec.inputs)
     module.eval()
@@ -78,10 +76,20 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
                 dynamic_shapes=dynamic_shapes_for(spec, getattr(module, "varargs_from", None)),
-                optimize=True, verbose=False)
+                optimize=optimize, verbose=False)
     except Exception as e:  # the exporter's own errors are long; keep its log for the user
         raise MolmoError(f"ONNX export of {spec.name} failed: {e}\n{log.getvalue()[-4000:]}") from e
     assert program is not None
+    return program
+
+
+def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path,
+                 opset: int = DEFAULT_OPSET) -> None:
+    """Trace `module` with dynamo and write `path` (+ `path.data` when weights exceed 2 GB).
+
+    The caller writes into a staging directory; this function does not rename anything.
+    """
+    program = trace(module, spec, opset)
     path.parent.mkdir(parents=True, exist_ok=True)
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=nbytes > 1_800_000_000)

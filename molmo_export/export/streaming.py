@@ -15,12 +15,8 @@ size; the checkpoint is read in place.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +26,7 @@ import torch
 
 from molmo_export.config import MolmoConfig
 from molmo_export.export.graphs import ConnectorGraph, DecoderGraph, VisionEncoderGraph
-from molmo_export.export.onnx_graph import dynamic_shapes_for, example_input
+from molmo_export.export.onnx_graph import trace
 from molmo_export.weights import CheckpointWeights
 from molmo_runtime.errors import MolmoError
 from molmo_runtime.graph_io import (
@@ -71,22 +67,7 @@ def trace_template(model: torch.nn.Module, graph: str, spec: GraphSpec, opset: i
     adapter = ADAPTERS[graph](model)
     full_name = {id(p): n for n, p in model.named_parameters()}
     params = {n: full_name[id(p)] for n, p in adapter.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    args = tuple(example_input(t, gen) for t in spec.inputs)
-    log = io.StringIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                adapter, args, dynamo=True, opset_version=opset,
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=dynamic_shapes_for(spec, getattr(adapter, "varargs_from", None)),
-                optimize=False, verbose=False)
-    except Exception as e:
-        raise MolmoError(f"ONNX export of {graph} failed: {e}\n{log.getvalue()[-4000:]}") from e
-    assert program is not None
+    program = trace(adapter, spec, opset, optimize=False)
     g = program.model.graph
 
     def placeholder(name: str, param: str, perm: tuple[int, ...] | None,
@@ -182,6 +163,8 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     from molmo_export.export.onnx_export import (
         EMBED_FILE,
         artifact_manifest,
+        check_max_crops,
+        checked_max_seq_len,
         graph_dims,
         resolve_checkpoint,
         save_embeddings,
@@ -195,16 +178,12 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     if dtype != "fp32" and target != "onnx":
         raise MolmoError(f"--dtype {dtype} is for --target onnx (GPU builds); ONNX Runtime CPU "
                          "targets keep fp32 weights (fp16 runs slower there)")
-    if not 1 <= max_crops <= 12:
-        raise MolmoError(f"--max-crops {max_crops}: Molmo tiles an image into 1..12 crops")
+    check_max_crops(max_crops)
     opset = opset or DEFAULT_OPSET
     checkpoint = resolve_checkpoint(model)
     weights = CheckpointWeights(checkpoint)
     config = weights.config
-    max_seq_len = max_seq_len or config.text.max_position_embeddings
-    if max_seq_len > config.text.max_position_embeddings:
-        raise MolmoError(f"--max-seq-len {max_seq_len} exceeds the model's "
-                         f"{config.text.max_position_embeddings} positions")
+    max_seq_len = checked_max_seq_len(config, max_seq_len)
     dims = graph_dims(config, max_crops, max_seq_len)
     specs = all_graph_specs(dims)
     recipe = RECIPES[QUANTIZED_TARGETS[target]] if target in QUANTIZED_TARGETS else None
