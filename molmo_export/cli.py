@@ -30,8 +30,9 @@ def _export_parser() -> argparse.ArgumentParser:
                         "max_position_embeddings)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     p.add_argument("--force", action="store_true",
-                   help="write into a non-empty folder that is not an artifact (never deletes "
-                        "files that molmo-export did not write)")
+                   help="write beside the files of a non-empty folder that is not an artifact "
+                        "(refuses, naming them, if a file there has an artifact file's name; "
+                        "never replaces or deletes files molmo-export did not write)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the stage-wise ORT-vs-PyTorch verification after export")
     p.add_argument("--from-onnx", action="store_true",
@@ -41,6 +42,10 @@ def _export_parser() -> argparse.ArgumentParser:
                         "+ prompts.jsonl")
     p.add_argument("--allow-degraded", action="store_true",
                    help="warn instead of failing when quantized quality is below thresholds")
+    p.add_argument("--keep-fp32", metavar="DIR", default=None,
+                   help="int8/int4 targets: keep the fp32 intermediate artifact in DIR (a new "
+                        "or empty folder); by default it is built inside --out's staging area "
+                        "and removed, so only --out is written")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     return p
@@ -59,7 +64,8 @@ def main_export(argv: list[str] | None = None) -> int:
                                max_seq_len=args.max_seq_len, opset=args.opset, force=args.force,
                                verify=args.verify, from_onnx=args.from_onnx,
                                calibration_set=args.calibration_set,
-                               allow_degraded=args.allow_degraded, progress=args.progress)
+                               allow_degraded=args.allow_degraded, progress=args.progress,
+                               keep_fp32=args.keep_fp32)
     except MolmoError as e:
         print(f"molmo-export: error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@
 
 Everything is written into a staging folder and moved into place at the end
 (molmo_export.export.artifact_dir.ArtifactWriter), so an interrupted or failed run never leaves a
-folder that looks complete.
+folder that looks complete, and a failed quality gate leaves `out_dir` as it was.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
                       thresholds: Thresholds = Thresholds(), threads: int | None = None,
                       force: bool = False, log: Log = print) -> QualityReport:
     """quantize_artifact on samples that are already preprocessed (tests, custom pipelines)."""
-    from molmo_export.export.artifact_dir import ArtifactWriter
+    from molmo_export.export.artifact_dir import WORK, ArtifactWriter
 
     recipe = _recipe(target)
     cal = [s for s in samples if s.split == "calibration"]
@@ -104,7 +104,8 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
         raise InputError(f"new_tokens must be at least 1, got {new_tokens}")
     step = _stepper(progress, log)
     writer = ArtifactWriter(out_dir, force=force)
-    scratch = Path(tempfile.mkdtemp(prefix=".molmo-calibration-", dir=writer.out))
+    (writer.out / WORK).mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="calibration-", dir=writer.out / WORK))
     try:
         job = _Job(src, recipe, writer.staging, scratch, threads, step)
         step(f"fp32 reference: {len(held)} held-out samples, {new_tokens} tokens each")
@@ -146,7 +147,7 @@ class _Job:
     def __post_init__(self) -> None:
         self.w8a8: dict[str, Path] = {}  # graph -> its W8A8 QDQ file, once made
         self.embed = np.load(self.src.path("embed_tokens.npy"), mmap_mode="r")
-        self.fp32_files = {name: self.src.path(g.file) for name, g in self.src.graphs.items()}
+        self.fp32_files = {name: self.src.graph_path(g) for name, g in self.src.graphs.items()}
         self.fp32 = self.runner(self.fp32_files)
 
     def runner(self, files: dict[str, Path]) -> GraphRunner:

@@ -235,6 +235,15 @@ def build_engines(
         timing_cache=Path(timing_cache) if timing_cache is not None else None,
         tactic_sources=tuple(tactic_sources) if tactic_sources is not None else None,
         profiles=ProfileSettings(max_batch=max_batch, max_prompt_len=max_prompt_len))
+    from molmo_export.export.artifact_dir import OutputLock
+
+    with OutputLock(artifact_dir):  # one writer at a time (re-entrant within an export)
+        return _build_locked(artifact_dir, target, settings, graphs, machine, say)
+
+
+def _build_locked(artifact_dir: str | os.PathLike[str], target: str, settings: BuildSettings,
+                  graphs: Sequence[str] | None, machine: MachineInfo | None,
+                  say: Callable[[str], None]) -> dict[str, Any]:
     manifest = load_manifest(artifact_dir, verify="full")
     specs = manifest.graphs
     wanted = list(graphs) if graphs is not None else list(specs)

@@ -25,11 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto")
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="open an artifact whose export verification failed (for debugging; "
+                        "its answers may be wrong)")
     args = p.parse_args(argv)
     try:
         from molmo_runtime.pipeline import MolmoPipeline
 
-        pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend)
+        pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend,
+                                      allow_unverified=args.allow_unverified)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed)
         if args.stream and not args.json:

@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -105,14 +104,18 @@ class MolmoPipeline:
     @classmethod
     def from_dir(cls, artifact_dir: str | os.PathLike[str], backend: BackendName = "auto",
                  providers: list[str] | None = None, threads: int | None = None,
-                 verify: VerifyMode = "full") -> MolmoPipeline:
-        """Open an artifact. `verify` checks file hashes first ("size" is faster, "none" skips)."""
-        manifest = load_manifest(artifact_dir, verify=verify)
+                 verify: VerifyMode = "cached",
+                 allow_unverified: bool = False) -> MolmoPipeline:
+        """Open an artifact. `verify`: "cached" (default) checks sizes and hashes each file
+        state once (molmo_runtime.hash_cache), "full" re-hashes everything, "size" only sizes,
+        "none" skips. An artifact that failed its export verification is refused unless
+        `allow_unverified`."""
+        manifest = load_manifest(artifact_dir, verify=verify, allow_unverified=allow_unverified)
         processor = None
         if manifest.raw.get("has_tokenizer", True):
             from molmo_runtime.processing import MolmoProcessor
 
-            processor = MolmoProcessor.from_pretrained(Path(artifact_dir))
+            processor = MolmoProcessor.from_artifact(manifest)
         return cls(manifest, _open_backend(manifest, backend, providers, threads), processor)
 
     # -- public API ---------------------------------------------------------------------------
