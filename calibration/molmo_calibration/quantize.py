@@ -72,17 +72,20 @@ def quantize_artifact(src_artifact_dir: str | os.PathLike[str], out_dir: str | o
     Raises QualityError (with the numbers) when the quantized model is below `thresholds`,
     unless allow_degraded (then it warns and writes the artifact, marked as degraded).
     """
+    from molmo_export.export.artifact_dir import OutputLock
+
     recipe = _recipe(target)
-    src = _fp32_manifest(src_artifact_dir)
-    cal_set = load_calibration_set(calibration_set)
-    step = _stepper(progress, log)
-    step(f"preprocessing calibration set {cal_set.name!r} ({len(cal_set.samples)} samples)")
-    samples = prepare_samples(cal_set, src.directory, max_samples)
-    record = cal_set.to_record(sum(s.split == "calibration" for s in samples))
-    return quantize_prepared(src, out_dir, recipe.target, samples, record,
-                             allow_degraded=allow_degraded, progress=progress,
-                             new_tokens=new_tokens, thresholds=thresholds, threads=threads,
-                             force=force, log=log)
+    with OutputLock(out_dir):  # one writer at a time, from the first step on
+        src = _fp32_manifest(src_artifact_dir)
+        cal_set = load_calibration_set(calibration_set)
+        step = _stepper(progress, log)
+        step(f"preprocessing calibration set {cal_set.name!r} ({len(cal_set.samples)} samples)")
+        samples = prepare_samples(cal_set, src, max_samples)
+        record = cal_set.to_record(sum(s.split == "calibration" for s in samples))
+        return quantize_prepared(src, out_dir, recipe.target, samples, record,
+                                 allow_degraded=allow_degraded, progress=progress,
+                                 new_tokens=new_tokens, thresholds=thresholds, threads=threads,
+                                 force=force, log=log)
 
 
 def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Target,
@@ -277,7 +280,7 @@ def _recipe(target: str) -> TargetRecipe:
 
 
 def _fp32_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
-    src = load_manifest(src_dir, verify="size")
+    src = load_manifest(src_dir)  # sizes, and hashes of file states not seen before
     if src.target not in FP32_TARGETS or src.raw.get("quantization"):
         raise ArtifactError(
             f"{src.directory} is a {src.target!r} artifact; quantize an fp32 one "

@@ -384,3 +384,44 @@ def test_a_failed_gate_leaves_out_as_it_was(tmp_path: Path,
     with pytest.raises(MolmoError, match="Nothing was written"):
         _export(previous)
     assert snapshot(previous) == before
+
+
+# --- failed verification is recorded ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_an_export_that_fails_verification_is_marked_and_refused(tmp_path: Path) -> None:
+    """NaN weights: the export exits 2, the manifest says verification.passed = false, the runtime
+    refuses the artifact unless the caller opts in."""
+    from safetensors.numpy import load_file, save_file
+
+    from molmo_export.demo import materialize_preset
+
+    ckpt = tmp_path / "nan-ckpt"
+    shutil.copytree(materialize_preset("demo"), ckpt)
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = next(k for k in sorted(tensors) if tensors[k].ndim == 2)
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "art"
+    proc = subprocess.run([sys.executable, "-m", "molmo_export.cli", "--model", str(ckpt),
+                           "--target", "onnx", "--out", str(out), "--no-progress",
+                           "--max-seq-len", "256"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "marked as failed" in proc.stderr and "--allow-unverified" in proc.stderr
+    raw = json.loads((out / MANIFEST_NAME).read_text())
+    assert raw["verification"]["passed"] is False
+    assert "verification failed" in raw["verification"]["summary"]
+    with pytest.raises(ArtifactError, match="failed its verification"):
+        load_manifest(out)
+    load_manifest(out, verify="full", allow_unverified=True)
+    run = [sys.executable, "-m", "molmo_runtime.cli", str(out), "--prompt", "hi",
+           "--max-new-tokens", "2"]
+    refused = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--allow-unverified" in refused.stderr
+    opted_in = subprocess.run([*run, "--allow-unverified"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+    assert opted_in.returncode == 0, opted_in.stderr[-2000:]
+    _assert_clean(out)

@@ -200,3 +200,19 @@ def test_a_garbled_cache_is_a_miss(art: Path, tmp_path: Path,
     load_manifest(art)
     cache.file.write_text("not json")
     load_manifest(art)
+
+
+@pytest.mark.parametrize("key", ["files", "graphs", "dims", "special_tokens", "max_seq_len",
+                                 "target", "model"])
+def test_a_manifest_missing_a_key_names_it(art: Path, key: str) -> None:
+    _edit(art, lambda raw: raw.pop(key))
+    with pytest.raises(ArtifactError, match=f"manifest entry {key} is missing"):
+        load_manifest(art)
+
+
+@pytest.mark.parametrize("key, value", [("max_seq_len", "2048"), ("max_crops", True),
+                                        ("dims", []), ("graphs", {"decoder": "x.onnx"})])
+def test_a_manifest_key_of_the_wrong_type_names_it(art: Path, key: str, value: Any) -> None:
+    _edit(art, lambda raw: raw.__setitem__(key, value))
+    with pytest.raises(ArtifactError, match=f"manifest entry {key}"):
+        load_manifest(art)
