@@ -26,23 +26,19 @@ DIMS = GraphDims(patches_per_crop=4, patch_dim=3, vision_feature_dim=2, tokens_p
 
 
 def _graph(path: Path, external: bool) -> None:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = numpy_helper.from_array(np.arange(8, dtype=np.float32), "w")
+    from molmo_calibration.graph_tools import save_model
+
+    size = 512  # 2 KB: above save_model's threshold for moving a tensor to external data
+    weight = numpy_helper.from_array(np.arange(size, dtype=np.float32), "w")
     node = helper.make_node("Add", ["x", "w"], ["y"])
     graph = helper.make_graph([node], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])],
                               [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=path.name + ".data",
-                        size_threshold=0)
-    else:
-        onnx.save_model(model, str(path))
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path,
+               external)
 
 
 def _tokenizer(folder: Path) -> None:
