@@ -112,6 +112,7 @@ def load_manifest(artifact_dir: str | os.PathLike[str], verify: VerifyMode = "fu
             f"{path} has schema version {version}, this runtime reads version {SCHEMA_VERSION} "
             f"(artifact written by molmo-export {raw.get('exporter_version', '?')}); re-export "
             "with the same molmo-export version as the runtime")
+    check_manifest_types(raw, path)
     manifest = Manifest(directory, raw)
     if verify != "none":
         verify_files(manifest, full=(verify == "full"))
@@ -134,3 +135,53 @@ def verify_files(manifest: Manifest, full: bool = True) -> None:
             f"artifact {manifest.directory} does not match its manifest:\n  "
             + "\n  ".join(problems)
             + "\nre-export it (molmo-export ... --out DIR --force) or restore the files")
+
+
+def check_manifest_types(raw: dict[str, Any], path: Path) -> None:
+    """ArtifactError naming the first key the runtime reads that is missing or of the wrong type
+    (dims, graphs, files, special_tokens, max_seq_len, max_crops), so that a damaged manifest
+    never surfaces as a KeyError or TypeError deep in a backend."""
+
+    def bad(key: str, want: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {key} must be {want}; the manifest is damaged or was "
+                             "edited: re-export the artifact (molmo-export ... --force)")
+
+    def is_int(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    for key in ("max_seq_len", "max_crops"):
+        if not is_int(raw.get(key), 1):
+            raise bad(key, "a positive integer")
+    dims = raw.get("dims")
+    if not isinstance(dims, dict):
+        raise bad("dims", "an object of model sizes")
+    for name in GraphDims.__dataclass_fields__:
+        if not is_int(dims.get(name), 1):
+            raise bad(f"dims.{name}", "a positive integer")
+    tokens = raw.get("special_tokens")
+    if not isinstance(tokens, dict) or not all(is_int(v, 0) for v in tokens.values()):
+        raise bad("special_tokens", "an object of token ids")
+    if "eos" not in tokens:
+        raise bad("special_tokens.eos", "a token id")
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        raise bad("files", "an object of file records")
+    for rel, rec in files.items():
+        if not (isinstance(rec, dict) and is_int(rec.get("bytes"), 0)
+                and isinstance(rec.get("sha256"), str)):
+            raise bad(f"files[{rel!r}]", 'an object {"bytes": int, "sha256": str}')
+    graphs = raw.get("graphs")
+    if not isinstance(graphs, dict):
+        raise bad("graphs", "an object of graph specs")
+    for name, g in graphs.items():
+        if not (isinstance(g, dict) and isinstance(g.get("file"), str)
+                and all(isinstance(g.get(k), list) and all(_is_tensor_spec(t) for t in g[k])
+                        for k in ("inputs", "outputs"))):
+            raise bad(f"graphs[{name!r}]",
+                      'an object {"file": str, "inputs": [...], "outputs": [...]}')
+
+
+def _is_tensor_spec(t: Any) -> bool:
+    return (isinstance(t, dict) and isinstance(t.get("name"), str)
+            and isinstance(t.get("dtype"), str) and isinstance(t.get("dims"), list)
+            and all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in t["dims"]))
