@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from molmo_runtime.backends.base import Backend, DecodeState
+from molmo_runtime.backends.base import Backend, DecodeState, check_cache_size
 from molmo_runtime.embedding import EmbeddingTable, add_image_tokens
-from molmo_runtime.errors import InputError, MolmoError
+from molmo_runtime.errors import ArtifactError, InputError, MolmoError
 from molmo_runtime.graph_io import GraphDims
 from molmo_runtime.manifest import Manifest
 from molmo_runtime.pipeline import MolmoPipeline
@@ -313,3 +313,20 @@ def test_bad_arrays_are_input_errors_before_any_work(pipe: MolmoPipeline, kwargs
     with pytest.raises(InputError, match=match):
         pipe.generate_from_inputs(**args)
     assert pipe.backend.calls == []
+
+
+def test_nan_pixels_are_an_input_error(pipe: MolmoPipeline) -> None:
+    with pytest.raises(InputError, match="NaN"):
+        pipe.generate(np.full((8, 8, 3), np.nan, np.float32), "x", max_new_tokens=2)
+    assert pipe.backend.calls == []
+
+
+def test_kv_cache_size_is_checked_before_allocating() -> None:
+    dims = GraphDims(576, 588, 8, 4, V, num_layers=28, num_kv_heads=4, head_dim=128,
+                     vocab_rows=V, max_crops=12, max_seq_len=10**9)
+    with pytest.raises(ArtifactError, match=r"needs 106811.5 GiB.*--max-seq-len"):
+        check_cache_size(dims, 1, 4)
+    small = GraphDims(576, 588, 8, 4, V, 28, 4, 128, V, 12, max_seq_len=4096)
+    assert check_cache_size(small, 1, 4) == 2 * 28 * 4 * 4096 * 128 * 4  # 448 MiB: fits
+    with pytest.raises(ArtifactError, match="fewer rows"):
+        check_cache_size(small, 64, 4, limit_bytes=2**30)
