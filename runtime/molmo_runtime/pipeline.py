@@ -21,6 +21,7 @@ from molmo_runtime.backends.base import Backend
 from molmo_runtime.embedding import EmbeddingTable, add_image_tokens
 from molmo_runtime.errors import InputError, MolmoError
 from molmo_runtime.manifest import Manifest, VerifyMode, load_manifest
+from molmo_runtime.prefill import prefill
 from molmo_runtime.sampling import Sampler, SamplingParams
 
 BackendName = Literal["auto", "ort", "trt"]
@@ -255,7 +256,7 @@ class MolmoPipeline:
         full_mask = np.ones((batch_size, seq + max_new_tokens), np.int64)
         full_mask[:, :seq] = mask
         self.backend.start(batch_size)
-        logits = self.backend.decode(embeds, mask, positions)
+        logits = prefill(self.backend, embeds, mask, positions)  # chunked when too long
         timings.prefill_ms = clock.lap()
         next_pos = positions[:, -1:] + 1  # [B, 1]
         for i in range(max_new_tokens):
