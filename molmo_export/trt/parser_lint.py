@@ -93,12 +93,21 @@ def _constant_values(model: onnx.ModelProto) -> dict[str, TensorProto]:
 
 
 def _tensor_types(model: onnx.ModelProto, base_dir: str | None) -> dict[str, int]:
+    """Element types by ONNX type inference; the declared ones where inference fails (an
+    unknown custom op stops it: that op is reported by itself)."""
     from molmo_export.trt.fp16 import tensor_types
 
     def load(t: TensorProto) -> Any:
         return numpy_helper.to_array(t, base_dir=base_dir or "")
 
-    return tensor_types(model, load)
+    try:
+        return tensor_types(model, load)
+    except onnx.shape_inference.InferenceError:
+        g = model.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output,
+                                                                *g.value_info)}
+        types.update({t.name: t.data_type for t in g.initializer})
+        return {k: v for k, v in types.items() if v}
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:

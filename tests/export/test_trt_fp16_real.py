@@ -102,19 +102,6 @@ def test_exported_graphs_in_true_fp16(manifest: Manifest, tmp_path: Path) -> Non
 
 # -- planted outliers ------------------------------------------------------------------------------
 
-def _branch_weight(model: onnx.ModelProto, add: onnx.NodeProto, residual: set[str]) -> str:
-    """The weight of the MatMul that produces the non-residual input of a residual Add."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name for t in model.graph.initializer}
-    branch = next(x for x in add.input if x not in residual and x in producer)
-    node = producer[branch]
-    for _ in range(6):  # through a bias Add / Reshape between the projection and the residual
-        if node.op_type == "MatMul" and node.input[1] in inits:
-            return str(node.input[1])
-        node = producer[next(x for x in node.input if x in producer)]
-    raise AssertionError(f"no projection weight behind {add.name}")
-
-
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -125,36 +112,43 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def test_planted_residual_outliers_stay_finite_only_with_islands(demo_artifact: Path) -> None:
+    """Qwen2's residual stream carries a few channels of huge magnitude (beyond fp16's 65504),
+    built up layer by layer. Planted here: every residual branch of the real demo decoder (after
+    attention, after the MLP) gets +3e4 in one channel, which fp16 holds, so their sum, the
+    residual stream, reaches ~1.2e5, which it does not."""
     m = load_manifest(demo_artifact, verify="none")
     model = onnx.load(str(m.path(m.graphs[graph_io.DECODER].file)))
-    names = [t.name for t in (*m.graphs[graph_io.DECODER].inputs,
-                              *m.graphs[graph_io.DECODER].outputs)]
-    policy = kv_cache_policy(names, fp32_residual=True)
+    spec = m.graphs[graph_io.DECODER]
+    policy = kv_cache_policy([t.name for t in (*spec.inputs, *spec.outputs)],
+                             fp32_residual=True)
     adds = [model.graph.node[i] for i, k in sorted(plan_fp16(model, policy).items())
             if k == "residual"]
     assert len(adds) == 2 * m.dims.num_layers  # after attention and after the MLP, per layer
     residual = {"inputs_embeds"} | {a.output[0] for a in adds}
-    probe_names = [a.output[0] for a in adds]
-    inits = {t.name: t for t in model.graph.initializer}
-    feeds = decoder_feeds(m, 16, np.float32, seed=1)
-    channel = 5
-    # Scale one output channel of each residual branch's projection so that branch adds ~3e4
-    # to that channel: each stays inside fp16, their sum (the residual stream) reaches ~1.2e5.
+    bias = np.zeros(m.dims.d_model, np.float32)
+    bias[5] = 3e4
+    model.graph.initializer.append(numpy_helper.from_array(bias, "planted_outlier"))
+    planted: dict[str, onnx.NodeProto] = {}  # branch tensor -> the Add that plants the outlier
     for k, add in enumerate(adds):
-        w = inits[_branch_weight(model, add, residual)]
-        sess = ort.InferenceSession(_with_outputs(model, probe_names).SerializeToString(),
-                                    providers=["CPUExecutionProvider"])
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-        before = outs[add.output[0]][..., channel] - (
-            outs[adds[k - 1].output[0]][..., channel] if k else feeds["inputs_embeds"][..., channel])
-        array = numpy_helper.to_array(w).copy()
-        array[:, channel] *= 3e4 / float(np.abs(before).max())
-        w.CopyFrom(numpy_helper.from_array(array, w.name))
-    sess = ort.InferenceSession(_with_outputs(model, probe_names).SerializeToString(),
+        slot = next(j for j, x in enumerate(add.input) if x not in residual)
+        branch = add.input[slot]
+        planted[branch] = onnx.helper.make_node("Add", [branch, "planted_outlier"],
+                                                [f"{branch}__planted"], name=f"planted_{k}")
+        add.input[slot] = f"{branch}__planted"
+    nodes = []  # each planted Add right after the branch's producer (nodes stay sorted)
+    for n in model.graph.node:
+        nodes += [n, *(planted[o] for o in n.output if o in planted)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+
+    feeds = decoder_feeds(m, 16, np.float32, seed=1)
+    probe = [a.output[0] for a in adds]
+    sess = ort.InferenceSession(_with_outputs(model, probe).SerializeToString(),
                                 providers=["CPUExecutionProvider"])
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    stream = np.abs(outs[adds[-1].output[0]]).max()
-    assert 8e4 < stream < 3e5, stream  # past fp16's range, as Qwen2's outliers
+    stream = float(np.abs(outs[adds[-1].output[0]][0, -1]).max())  # the last position
+    assert 1e5 < stream < 2e5, stream  # past fp16's range, as Qwen2's outliers
     want = outs["logits"]
     assert np.isfinite(want).all()
 
@@ -169,4 +163,4 @@ def test_planted_residual_outliers_stay_finite_only_with_islands(demo_artifact: 
     for off in ("fp32_residual", "keep_norms"):
         broken, _ = convert_model_to_fp16(model, dataclasses.replace(policy, **{off: False}))
         bad = fp16_ref(broken, feeds16)[[o.name for o in broken.graph.output].index("logits")]
-        assert not np.isfinite(bad).all() or rel_err(bad, want) > 0.2, off
+        assert not np.isfinite(bad).all(), off
