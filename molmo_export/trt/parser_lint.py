@@ -35,12 +35,17 @@ SUPPORT_FILE = Path(__file__).with_name("onnx_parser_support.json")
 JETPACK6 = "10.3"  # the TensorRT of JetPack 6.1/6.2: the oldest parser we build for
 NEWEST = "10.15"  # the newest table we have (TensorRT 11 is linted with it)
 
-_DTYPE_NAMES = {
+_DTYPE_NAMES: dict[int, str] = {
     TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
     TensorProto.DOUBLE: "DOUBLE", TensorProto.INT32: "INT32", TensorProto.INT64: "INT64",
     TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL",
     TensorProto.INT4: "INT4", TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.FLOAT4E2M1: "FP4",
 }
+
+
+def _dtype_name(elem: int) -> str:
+    """The support table's name of an ONNX element type ("FP16"), else ONNX's own."""
+    return _DTYPE_NAMES.get(elem) or str(TensorProto.DataType.Name(elem))
 
 
 class ParserLintError(ArtifactError):
@@ -142,7 +147,7 @@ def lint_model(model: onnx.ModelProto, trt_version: str = JETPACK6,
     types = _tensor_types(model, base)
     io_names = {v.name for v in (*model.graph.input, *model.graph.output)}
     for name, elem in sorted(types.items()):
-        dt = _DTYPE_NAMES.get(elem, TensorProto.DataType.Name(elem))
+        dt = _dtype_name(elem)
         if dt not in dtypes:
             problems.append(LintProblem("", "", f"tensor {name!r} has type {dt}, which "
                                                 f"TensorRT {trt_version} does not support"))
@@ -181,7 +186,7 @@ def lint_model(model: onnx.ModelProto, trt_version: str = JETPACK6,
         slot = rules["type_input"].get(op, 0)
         data = node.input[slot] if len(node.input) > slot else ""
         if data and data in types:
-            dt = _DTYPE_NAMES.get(types[data], TensorProto.DataType.Name(types[data]))
+            dt = _dtype_name(types[data])
             if dt not in entry["types"]:
                 bad(f"input {data!r} is {dt}; TensorRT's {op} takes "
                     f"{', '.join(entry['types'])}")
