@@ -23,29 +23,30 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import onnx
-from onnx import TensorProto, numpy_helper
+from typing import TYPE_CHECKING, Any
 
 from molmo_runtime.errors import ArtifactError
 from molmo_runtime.trt_env import parse_version
+
+if TYPE_CHECKING:  # onnx is imported where it is used: `import molmo_export.trt` stays light
+    import onnx
+    from onnx import TensorProto
 
 SUPPORT_FILE = Path(__file__).with_name("onnx_parser_support.json")
 JETPACK6 = "10.3"  # the TensorRT of JetPack 6.1/6.2: the oldest parser we build for
 NEWEST = "10.15"  # the newest table we have (TensorRT 11 is linted with it)
 
-_DTYPE_NAMES: dict[int, str] = {
-    TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
-    TensorProto.DOUBLE: "DOUBLE", TensorProto.INT32: "INT32", TensorProto.INT64: "INT64",
-    TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL",
-    TensorProto.INT4: "INT4", TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.FLOAT4E2M1: "FP4",
-}
+# ONNX element type name -> the support table's name
+_DTYPE_NAMES = {"FLOAT": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16", "FLOAT8E4M3FN": "FP8",
+                "FLOAT4E2M1": "FP4"}
 
 
 def _dtype_name(elem: int) -> str:
-    """The support table's name of an ONNX element type ("FP16"), else ONNX's own."""
-    return _DTYPE_NAMES.get(elem) or str(TensorProto.DataType.Name(elem))
+    """The support table's name of an ONNX element type ("FP16", "INT64", ...)."""
+    from onnx import TensorProto
+
+    name = str(TensorProto.DataType.Name(elem))
+    return _DTYPE_NAMES.get(name, name)
 
 
 class ParserLintError(ArtifactError):
@@ -100,6 +101,9 @@ def _constant_values(model: onnx.ModelProto) -> dict[str, TensorProto]:
 def _tensor_types(model: onnx.ModelProto, base_dir: str | None) -> dict[str, int]:
     """Element types by ONNX type inference; the declared ones where inference fails (an
     unknown custom op stops it: that op is reported by itself)."""
+    import onnx
+    from onnx import numpy_helper
+
     from molmo_export.trt.fp16 import tensor_types
 
     def load(t: TensorProto) -> Any:
@@ -116,6 +120,8 @@ def _tensor_types(model: onnx.ModelProto, base_dir: str | None) -> dict[str, int
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
+    import onnx
+
     for a in node.attribute:
         if a.name == name:
             value = onnx.helper.get_attribute_value(a)
@@ -130,6 +136,9 @@ def lint_model(model: onnx.ModelProto, trt_version: str = JETPACK6,
     base_dir: where the model's external data lives (only small shape-like constants are read,
     for type inference and zero-point checks; weights stay on disk).
     """
+    import onnx
+    from onnx import numpy_helper
+
     table = support_table()
     ops: dict[str, Any] = table["operators"]
     rules: dict[str, Any] = table["rules"]
@@ -212,6 +221,8 @@ def lint_model(model: onnx.ModelProto, trt_version: str = JETPACK6,
 
 def lint_file(path: str | os.PathLike[str], trt_version: str = JETPACK6) -> list[LintProblem]:
     """lint_model of an ONNX file (weights stored beside it are not loaded)."""
+    import onnx
+
     p = Path(path)
     return lint_model(onnx.load(str(p), load_external_data=False), trt_version, p.parent)
 

@@ -1,6 +1,6 @@
 """Real TensorRT engines of the demo model, compared stage by stage with ONNX Runtime (fp32).
 
-Needs an NVIDIA GPU, TensorRT >= 10.3 and cuda-python; the whole module is skipped elsewhere
+Needs an NVIDIA GPU, TensorRT 10.3 to 11.x and cuda-python; the whole module is skipped elsewhere
 (with the reason). It exports the demo artifact, builds its trt-fp16 engines on this GPU, then
 compares vision features, connector tokens, prefill logits, decode logits and greedy tokens.
 
@@ -25,8 +25,8 @@ from molmo_runtime.trt_env import missing_for_tensorrt
 
 _MISSING = missing_for_tensorrt()
 if _MISSING:
-    pytest.skip("TensorRT engine tests need an NVIDIA GPU with TensorRT >= 10.3 and cuda-python; "
-                "this machine has " + ", ".join(_MISSING), allow_module_level=True)
+    pytest.skip("TensorRT engine tests need an NVIDIA GPU with TensorRT >= 10.3, < 12 and "
+                "cuda-python; this machine has " + ", ".join(_MISSING), allow_module_level=True)
 
 import onnxruntime as ort  # noqa: E402
 
