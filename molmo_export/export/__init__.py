@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,13 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
                     force: bool = False, verify: bool = True, from_onnx: bool = False,
                     calibration_set: str | os.PathLike[str] = "default",
                     allow_degraded: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print) -> Path:
+                    log: Callable[[str], None] = print,
+                    trt_options: Mapping[str, Any] | None = None) -> Path:
     """Export `model` (a checkpoint directory or a preset name such as "demo") for `target`.
 
     Returns the artifact directory. See the README for what each target produces.
+    trt_options: keyword arguments of molmo_export.trt.build_engines (max_prompt_len,
+    workspace_gb, timing_cache, builder_optimization_level) for trt-* targets.
     """
     check_target(target)
     out = Path(out)
@@ -75,7 +78,7 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
     if target.startswith("trt-"):
         from molmo_export.trt.builder import build_engines
 
-        build_engines(out, target, progress=progress)
+        build_engines(out, target, progress=progress, **dict(trt_options or {}))
     return out
 
 

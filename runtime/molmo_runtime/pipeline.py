@@ -30,6 +30,7 @@ from molmo_runtime.input_checks import (
     check_stop,
 )
 from molmo_runtime.manifest import Manifest, VerifyMode, load_manifest
+from molmo_runtime.prefill import prefill
 from molmo_runtime.sampling import Sampler, SamplingParams
 from molmo_runtime.stop_strings import find_stop, safe_end
 
@@ -315,7 +316,8 @@ class MolmoPipeline:
             # Preallocated mask for the whole generation: decode slices it, never regrows it.
             full_mask = np.ones((batch_size, seq + max_new_tokens), np.int64)
             full_mask[:, :seq] = mask
-            logits = state.decode(embeds, mask, positions)
+            logits = prefill(state, embeds, mask, positions,  # chunked when too long
+                             self.backend.max_prefill_tokens)
             timings.prefill_ms = clock.lap()
             next_pos = positions[:, -1:] + 1  # [B, 1]
             for i in range(max_new_tokens):
