@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from molmo_runtime.cli_common import add_debug_flag, non_negative_int, positive_int, run_main
-from molmo_runtime.errors import require
+from molmo_runtime.errors import MolmoError, require
 
 
 def _export_parser() -> argparse.ArgumentParser:
