@@ -14,7 +14,7 @@ import datetime
 import os
 import platform
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,16 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
                     calibration_set: str | os.PathLike[str] = "default",
                     allow_degraded: bool = False, progress: bool = True,
                     keep_fp32: str | os.PathLike[str] | None = None,
-                    log: Callable[[str], None] = print) -> Path:
+                    log: Callable[[str], None] = print,
+                    trt_options: Mapping[str, Any] | None = None) -> Path:
     """Export `model` (a checkpoint directory or a preset name such as "demo") for `target`.
 
     Returns the artifact directory. See the README for what each target produces. The output
     folder is locked for the whole run (a second writer fails at once). A quantized target
     builds its fp32 intermediate inside OUT's work area and removes it, or keeps it in
     `keep_fp32` (a new or empty folder, or an artifact to replace); only `out` is written.
+    trt_options: keyword arguments of molmo_export.trt.build_engines (max_prompt_len,
+    workspace_gb, timing_cache, builder_optimization_level) for trt-* targets.
     """
     from molmo_export.export.artifact_dir import WORK, OutputLock
 
@@ -90,7 +93,7 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
         if target.startswith("trt-"):
             from molmo_export.trt.builder import build_engines
 
-            build_engines(out, target, progress=progress)
+            build_engines(out, target, progress=progress, **dict(trt_options or {}))
     return out
 
 

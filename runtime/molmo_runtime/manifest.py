@@ -188,9 +188,8 @@ def _fail(where: Path, entry: str, problem: str) -> ArtifactError:
 def _need(raw: dict[str, Any], key: str, kind: type, where: Path, prefix: str = "") -> Any:
     value = raw.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        problem = "is missing" if key not in raw else \
-            f"is {type(value).__name__}, not {kind.__name__}"
-        raise _fail(where, f"{prefix}{key}", problem)
+        found = "it is missing" if key not in raw else f"it is {type(value).__name__}"
+        raise _fail(where, f"{prefix}{key}", f"must be {kind.__name__} ({found})")
     return value
 
 
