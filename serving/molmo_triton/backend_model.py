@@ -83,7 +83,7 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
             return None
-        a = tensor.as_numpy()
+        a: np.ndarray = tensor.as_numpy()
         a = a.reshape(a.shape[0], -1) if self.batched else a.reshape(1, -1)
         if rows is not None and a.shape[0] != rows:
             raise InputError(f"{name} has {a.shape[0]} rows, PROMPT has {rows}")

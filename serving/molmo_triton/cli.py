@@ -87,10 +87,10 @@ def main_serve(argv: list[str] | None = None) -> int:
         return 2
     print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
           flush=True)
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-        pass
+    # Blocked only now: the server started above must not inherit a mask that ignores SIGTERM.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    signal.sigwait(stop_signals)
     report = server.stop()
     print(f"stopped (exit code {report.exit_code}{'' if report.clean else ', forced'})")
     return 0 if report.clean else 1
