@@ -45,9 +45,11 @@ def _module(protocol: Protocol) -> Any:
 
 
 def build_inputs(protocol: Protocol, image: bytes | None, prompt: str,
-                 stop: list[str] | tuple[str, ...] = (), **settings: Any) -> list[Any]:
+                 stop: list[str] | tuple[str, ...] = (), batched: bool = False,
+                 **settings: Any) -> list[Any]:
     """InferInputs for one request; settings are MolmoPipeline.generate's keywords
-    (max_new_tokens, temperature, top_k, top_p, seed); None leaves one at its default."""
+    (max_new_tokens, temperature, top_k, top_p, seed); None leaves one at its default.
+    `batched`: the model was written with a max batch size (inputs get a batch axis of 1)."""
     tc = _module(protocol)
     values: dict[str, list[Any]] = {"PROMPT": [prompt.encode()]}
     if image is not None:
@@ -64,6 +66,8 @@ def build_inputs(protocol: Protocol, image: bytes | None, prompt: str,
     for name, data in values.items():
         wire = _SPECS[name].wire_type
         array = np.array(data, dtype=_NUMPY[wire])
+        if batched:
+            array = array[None]
         infer_input = tc.InferInput(name, list(array.shape), wire)
         infer_input.set_data_from_numpy(array)
         inputs.append(infer_input)
@@ -82,8 +86,8 @@ def read_answer(result: Any) -> Answer:
 
 class MolmoTritonClient:
     def __init__(self, url: str, protocol: Protocol = "http", model: str = "molmo",
-                 timeout_s: float = 600.0) -> None:
-        self.protocol, self.model = protocol, model
+                 timeout_s: float = 600.0, batched: bool = False) -> None:
+        self.protocol, self.model, self.batched = protocol, model, batched
         tc = _module(protocol)
         if protocol == "http":
             self.client = tc.InferenceServerClient(url, connection_timeout=timeout_s,
@@ -93,7 +97,7 @@ class MolmoTritonClient:
         self.timeout_s = timeout_s
 
     def generate(self, image: bytes | None, prompt: str, **settings: Any) -> Answer:
-        inputs = build_inputs(self.protocol, image, prompt, **settings)
+        inputs = build_inputs(self.protocol, image, prompt, batched=self.batched, **settings)
         exception = require("tritonclient.utils", "triton-client").InferenceServerException
         try:
             if self.protocol == "grpc":

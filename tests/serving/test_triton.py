@@ -1,8 +1,9 @@
 """The demo artifact served by a real tritonserver on 127.0.0.1 (nvidia-pytriton's binary,
 Python backend), called with tritonclient over HTTP and gRPC.
 
-One server for the module, with two models: `molmo` (2 instances) and `molmo_stream`
-(decoupled, 1 instance). The last test stops it and checks that nothing is left behind.
+One server for the module, with three models: `molmo` (2 instances), `molmo_stream`
+(decoupled) and `molmo_batched` (Triton's dynamic batcher). The last test stops it and
+checks that nothing is left behind.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def server(triton_dist: Distribution, demo_artifact: Path,
     write_model(demo_artifact, repo, ModelOptions(name="molmo", instances=2, execution_env=env),
                 link=True)
     write_model(demo_artifact, repo, ModelOptions(name="molmo_stream", decoupled=True,
+                                                  execution_env=env), link=True)
+    write_model(demo_artifact, repo, ModelOptions(name="molmo_batched", max_batch_size=4,
+                                                  max_queue_delay_us=100_000,
                                                   execution_env=env), link=True)
     before = _python_env_dirs()
     srv = TritonServer(repo, dist=triton_dist).start()
@@ -179,6 +183,23 @@ def test_four_concurrent_clients_get_their_single_client_answers(server: TritonS
         assert answer == single[(w + i) % len(REQUESTS)], (w, i)
 
 
+def test_dynamically_batched_requests_get_their_own_answers(server: TritonServer) -> None:
+    single = [_ask(_client(server, "grpc"), r) for r in REQUESTS]
+    answers: dict[int, Answer] = {}
+
+    def worker(i: int) -> None:  # concurrent, so the batcher can group them
+        client = MolmoTritonClient(server.grpc_url, "grpc", "molmo_batched", batched=True)
+        answers[i] = _ask(client, REQUESTS[i])
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(REQUESTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert [answers.get(i) for i in range(len(REQUESTS))] == single
+
+
 def test_metrics_for_autoscaling_are_exported(server: TritonServer) -> None:
     """The metric names docs/serving.md builds autoscaling on, read from this server."""
     import urllib.request
@@ -197,7 +218,7 @@ def test_zz_server_stops_cleanly(server: TritonServer) -> None:
     parent = psutil.Process(server.process.pid)  # type: ignore[union-attr]
     stubs = [p for p in parent.children(recursive=True)
              if "triton_python_backend_stub" in " ".join(p.cmdline())]
-    assert len(stubs) == 3  # molmo x2 + molmo_stream x1: proves the check below can fail
+    assert len(stubs) == 4  # molmo x2, molmo_stream, molmo_batched: the check below can fail
     new_env_dirs = _python_env_dirs() - server.python_env_dirs_before  # type: ignore[attr-defined]
     assert new_env_dirs, "the Python backend made no scratch folder: check the glob"
     workspace = server.workspace
