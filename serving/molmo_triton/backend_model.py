@@ -143,10 +143,14 @@ def _text(value: Any, name: str) -> str:
 
 
 def _error_response(e: Exception) -> Any:
-    if isinstance(e, (MolmoError, ValueError)):
-        message = str(e)
+    """The request's error: the caller's bad input is INVALID_ARG (HTTP 400), the rest INTERNAL."""
+    if isinstance(e, ValueError):  # InputError, and the sampler's checks
+        error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+    elif isinstance(e, MolmoError):
+        error = pb_utils.TritonError(str(e), pb_utils.TritonError.INTERNAL)
     else:  # a bug, not the caller's input: say so, and leave the traceback in the server log
         pb_utils.Logger.log_error(traceback.format_exc())
-        message = f"internal error ({type(e).__name__}): {e}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+        error = pb_utils.TritonError(f"internal error ({type(e).__name__}): {e}",
+                                     pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(error=error)
 

@@ -26,7 +26,12 @@ _SETTING_NAME = {key: name for name, (_, key) in SETTINGS.items()}
 
 
 class TritonRequestError(MolmoError):
-    """The server answered with an error (its message is the model's)."""
+    """The server answered with an error (its message is the model's); `status` is the
+    protocol's code as tritonclient reports it ("400", "StatusCode.INVALID_ARGUMENT", ...)."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class MolmoTritonClient:
             else:
                 result = self.client.infer(self.model, inputs)
         except exception as e:
-            raise TritonRequestError(e.message()) from e
+            raise TritonRequestError(e.message(), e.status()) from e
         return read_answer(result)
 
     def stream(self, image: bytes | None, prompt: str, **settings: Any) -> Iterator[Answer]:
@@ -121,7 +126,7 @@ class MolmoTritonClient:
             while True:
                 result, error = responses.get(timeout=self.timeout_s)
                 if error is not None:
-                    raise TritonRequestError(error.message())
+                    raise TritonRequestError(error.message(), error.status())
                 answer = read_answer(result)
                 yield answer
                 if answer.finish_reason:

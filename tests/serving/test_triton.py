@@ -140,6 +140,9 @@ BAD_REQUESTS = [  # corrupt images, an over-long request, bad settings
 ]
 
 
+BAD_INPUT_STATUS = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bad_inputs_come_back_as_errors_and_the_server_keeps_serving(
         server: TritonServer, local_pipe: MolmoPipeline, protocol: str) -> None:
@@ -153,6 +156,7 @@ def test_bad_inputs_come_back_as_errors_and_the_server_keeps_serving(
         with pytest.raises(TritonRequestError) as remote:
             client.generate(image, prompt, **settings)
         assert str(local.value) and str(local.value) in str(remote.value), settings
+        assert remote.value.status == BAD_INPUT_STATUS[protocol], remote.value.status
         assert _ask(client, REQUESTS[3]) == good  # still serving, same answer
     client.close()
 
