@@ -81,7 +81,8 @@ def save_embeddings(table: np.ndarray, path: Path) -> None:
 
 def artifact_manifest(config: MolmoConfig, source: str, target: str, precision: dict[str, str],
                       opset: int, dims: GraphDims, specs: dict[str, Any], max_crops: int,
-                      max_seq_len: int, has_tokenizer: bool) -> dict[str, Any]:
+                      max_seq_len: int, has_tokenizer: bool, staged: list[str]
+                      ) -> dict[str, Any]:
     """The manifest fields every exported artifact has (files are added at commit)."""
     return {
         "exporter_version": __version__,
@@ -91,7 +92,7 @@ def artifact_manifest(config: MolmoConfig, source: str, target: str, precision: 
         "precision": precision,
         "opset": opset,
         "dims": dims.to_dict(),
-        "graphs": {name: spec.to_dict() for name, spec in specs.items()},
+        "graphs": {name: _graph_entry(spec.to_dict(), staged) for name, spec in specs.items()},
         "special_tokens": dict(vars(config.tokens)),
         "max_crops": max_crops,
         "max_seq_len": max_seq_len,
@@ -147,17 +148,41 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
         write_embeddings(ref, writer.path(EMBED_FILE))
         has_tokenizer = write_processor_files(checkpoint, writer.staging, max_crops, log)
         steps.update()
-        writer.commit(artifact_manifest(
+        manifest = artifact_manifest(
             config, str(model), target, {name: "fp32" for name in specs}, opset or DEFAULT_OPSET,
-            dims, specs, max_crops, max_seq_len, has_tokenizer))
+            dims, specs, max_crops, max_seq_len, has_tokenizer, writer.staged_files())
+        writer.stage_manifest(manifest)
+        manifest["verification"] = _verify_staged(writer.staging, ref, verify, log)
+        writer.commit(manifest)
         steps.update()
     except BaseException:
         writer.abort()
         raise
     finally:
         steps.close()
-    if verify:
-        from molmo_export.verify import verify_artifact
-
-        verify_artifact(out, ref, log=log)
+    if manifest["verification"]["passed"] is False:
+        raise MolmoError(f"{manifest['verification']['summary']}. The artifact was written to "
+                         f"{out} marked as failed: the runtime refuses it unless "
+                         "--allow-unverified / allow_unverified=True")
     return Path(out)
+
+
+def _graph_entry(spec: dict[str, Any], staged: list[str]) -> dict[str, Any]:
+    """A graph's manifest entry, listing its external data files (onnx/<graph>.onnx.data...)."""
+    external = [rel for rel in staged if rel.startswith(spec["file"] + ".")]
+    return {**spec, "external_data": external} if external else spec
+
+
+def _verify_staged(staging: Path, ref: MolmoForConditionalGeneration, verify: bool,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Verify the staged artifact against the reference before it is committed; the result
+    goes into the manifest (the runtime refuses an artifact whose verification failed)."""
+    if not verify:
+        return {"passed": None, "summary": "skipped (--no-verify)"}
+    from molmo_export.verify import verify_artifact
+
+    try:
+        results = verify_artifact(staging, ref, log=log)
+    except MolmoError as e:
+        return {"passed": False, "summary": str(e).split("\n")[0]}
+    return {"passed": True, "summary": f"{len(results)} checks passed"}

@@ -140,7 +140,7 @@ def checkpoint_bytes(directory: Path) -> int:
 def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
                               target: str = "onnx", dtype: str = "fp32", max_crops: int = 12,
                               max_seq_len: int | None = None, opset: int | None = None,
-                              force: bool = False, progress: bool = True,
+                              force: bool = False, verify: bool = False, progress: bool = True,
                               log: Callable[[str], None] = print) -> Path:
     """Checkpoint -> artifact for `target` ("onnx", "ort-fp32", "ort-int8", "ort-int4") without
     ever holding the model: see the module docstring.
@@ -162,6 +162,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     from molmo_export.export.artifact_dir import ArtifactWriter
     from molmo_export.export.onnx_export import (
         EMBED_FILE,
+        _verify_staged,
         artifact_manifest,
         check_max_crops,
         checked_max_seq_len,
@@ -224,7 +225,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         has_tokenizer = write_processor_files(checkpoint, writer.staging, max_crops, log)
         manifest = artifact_manifest(config, str(model), target if recipe is None else "onnx",
                                      precision, opset, dims, specs, max_crops, max_seq_len,
-                                     has_tokenizer)
+                                     has_tokenizer, writer.staged_files())
         manifest["streaming"] = {"weights_dtype": dtype, "checkpoint": str(checkpoint)}
         if recipe is not None:
             manifest.update(
@@ -239,6 +240,13 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                                    "see docs/scale.md"})
             log(f"note: the quality of this {target} artifact was not measured (streaming "
                 "export); see docs/scale.md")
+        writer.stage_manifest(manifest)
+        if verify and recipe is None and dtype == "fp32":
+            manifest["verification"] = _verify_staged(writer.staging, checkpoint, True, log)
+        else:
+            manifest["verification"] = {
+                "passed": None, "summary": "skipped (streaming export: the PyTorch reference is "
+                                           "not loaded)"}
         writer.commit(manifest)
         steps.update()
     except BaseException:
@@ -246,4 +254,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         raise
     finally:
         steps.close()
+    if manifest["verification"]["passed"] is False:
+        raise MolmoError(f"{manifest['verification']['summary']}. The artifact was written to "
+                         f"{out} marked as failed")
     return Path(out)
