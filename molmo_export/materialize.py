@@ -6,9 +6,9 @@
 
 Any preset (molmo-7b-d-0924, molmo-7b-o-0924, molmoe-1b-0924, molmo-72b-0924, demo, bench-0.5b)
 is written with the same deterministic init as the built-in presets (molmo_export.demo), but in
-the hub's dtype (bf16 by default) and shard size (default 4 GB, as the 7B-D repo's ~4 GB
-shards). Shards are written one at a time: peak memory is one shard plus one float32 tensor
-(the largest is the 7B/72B LM head: 2.2 / 5.0 GB). The folder is built beside its final place and
+the hub's dtype (bf16 by default) and layout, in shards of 2 GB by default. Shards are written
+one at a time: peak memory is one shard plus one float32 tensor (the largest is the 7B/72B LM
+head: 2.2 / 5.0 GB); 7B-D measured 3.5 GB peak RSS (docs/scale.md). The folder is built beside its final place and
 renamed into it, so it is either complete or absent. The weights are random: generation is
 degenerate; the point is size (export, quantization, memory, speed).
 """
@@ -26,7 +26,7 @@ from molmo_export.config import PRESETS, get_preset
 from molmo_runtime.errors import InputError, MolmoError
 
 DTYPES = ("bf16", "fp16", "fp32")
-DEFAULT_SHARD_GB = 4.0
+DEFAULT_SHARD_GB = 2.0
 
 
 def materialize(preset: str, directory: str | os.PathLike[str], dtype: str = "bf16",
