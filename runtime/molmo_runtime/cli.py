@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "JSON object per line: text pieces, then the result")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object (default: off)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="open an artifact whose export verification failed, for debugging; its "
+                        "answers may be wrong (default: off, such an artifact is refused)")
     add_debug_flag(p)
     return p
 
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from molmo_runtime.pipeline import MolmoPipeline
 
-    pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend)
+    pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend,
+                                  allow_unverified=args.allow_unverified)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, stop=args.stop, seed=args.seed)

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +29,7 @@ from molmo_runtime.input_checks import (
     check_stop,
 )
 from molmo_runtime.manifest import Manifest, VerifyMode, load_manifest
+from molmo_runtime.prefill import prefill
 from molmo_runtime.sampling import Sampler, SamplingParams
 from molmo_runtime.stop_strings import find_stop, safe_end
 
@@ -127,14 +127,18 @@ class MolmoPipeline:
     @classmethod
     def from_dir(cls, artifact_dir: str | os.PathLike[str], backend: BackendName = "auto",
                  providers: list[str] | None = None, threads: int | None = None,
-                 verify: VerifyMode = "full") -> MolmoPipeline:
-        """Open an artifact. `verify` checks file hashes first ("size" is faster, "none" skips)."""
-        manifest = load_manifest(artifact_dir, verify=verify)
+                 verify: VerifyMode = "cached",
+                 allow_unverified: bool = False) -> MolmoPipeline:
+        """Open an artifact. `verify`: "cached" (default) checks sizes and hashes each file
+        state once (molmo_runtime.hash_cache), "full" re-hashes everything, "size" only sizes,
+        "none" skips. An artifact that failed its export verification is refused unless
+        `allow_unverified`."""
+        manifest = load_manifest(artifact_dir, verify=verify, allow_unverified=allow_unverified)
         processor = None
         if manifest.raw.get("has_tokenizer", True):
             from molmo_runtime.processing import MolmoProcessor
 
-            processor = MolmoProcessor.from_pretrained(Path(artifact_dir))
+            processor = MolmoProcessor.from_artifact(manifest)
         return cls(manifest, _open_backend(manifest, backend, providers, threads), processor)
 
     # -- public API ---------------------------------------------------------------------------
@@ -315,7 +319,8 @@ class MolmoPipeline:
             # Preallocated mask for the whole generation: decode slices it, never regrows it.
             full_mask = np.ones((batch_size, seq + max_new_tokens), np.int64)
             full_mask[:, :seq] = mask
-            logits = state.decode(embeds, mask, positions)
+            logits = prefill(state, embeds, mask, positions,  # chunked when too long
+                             self.backend.max_prefill_tokens)
             timings.prefill_ms = clock.lap()
             next_pos = positions[:, -1:] + 1  # [B, 1]
             for i in range(max_new_tokens):

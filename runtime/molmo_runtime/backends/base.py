@@ -130,6 +130,10 @@ class _ExclusiveState(DecodeState):
 
 class Backend(abc.ABC):
     name: str = "base"
+    # Most new positions one decode() call takes (TensorRT: the prefill profile's maximum);
+    # None = no limit. Longer prompts are prefilled in chunks (molmo_runtime.prefill). Set it
+    # on any backend to bound prefill activation memory (a Jetson's shared DRAM).
+    max_prefill_tokens: int | None = None
 
     @abc.abstractmethod
     def vision(self, images: np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ class OrtBackend(Backend):
         self.dims = manifest.dims
         graphs = manifest.graphs
         self._sessions = {
-            name: ort.InferenceSession(str(manifest.path(graphs[name].file)), options,
+            name: ort.InferenceSession(str(manifest.graph_path(graphs[name])), options,
                                        providers=self.providers)
             for name in (VISION_ENCODER, CONNECTOR, DECODER)
         }
