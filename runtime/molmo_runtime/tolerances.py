@@ -10,17 +10,20 @@ formula, with `scale` what the row says). Torch-free: the runtime and calibratio
 
 Where the bounds come from
 --------------------------
-float32 (FP32_ULP = 2**-23 = 1.19e-7, one unit in the last place relative to a value's magnitude):
-two correct float32 computations of the same network differ only by the order in which sums are
-rounded (other GEMM blocking, another SIMD width: AVX2 vs AVX-512 vs AMX, another thread count,
-ONNX Runtime's MLAS vs PyTorch's oneDNN/MKL). Such reorderings were measured at <= 10 ulps of the
-stage's largest value (|x| up to ~26 in the golden models): 1 vs 2 threads, ATen's default / AVX2
-/ AVX-512 kernels, an independent from-spec re-implementation, an Intel AVX-512/AMX machine
-(issue 13: vit_pre_ln 1.91e-6 at |x| <= 4.4 = 4 ulps; router_logits 1.99e-5 at |x| <= 17 = 10
-ulps) and this project's AMD EPYC machines (`python -m tests.export.parity_spread`, issue 13 note).
-So the fp32 rows allow FP32_REORDER = 1e-5 relative to max |reference| (84 ulps: >= 8x the worst
-spread seen) and nothing is claimed bit-exact unless it is exact on every CPU (only the image
-preprocessing is: it is integer-exact numpy code, see "preprocess/*").
+float32 (FP32_ULP = 2**-23 = 1.19e-7, the spacing of float32 values relative to their magnitude):
+two correct float32 computations of the same network differ only in the order in which sums are
+rounded (GEMM blocking, SIMD width: SSE / AVX2 / AVX-512 / AMX, thread count, ONNX Runtime's MLAS
+vs PyTorch's oneDNN/MKL). Measured, as the largest |error| / max |golden| over every stage and
+golden case (`python -m tests.export.parity_spread`, 2026-12-02, 2-vCPU AMD EPYC with AVX2 and no
+AVX-512, torch 2.13.0 CPU):
+    1 thread / 2 threads (ATen AVX2 kernels)                 1.10e-6   (identical to each other)
+    ATen "default" kernels, MKL SSE4.2, oneDNN SSE4.1, 1 thread  1.24e-6
+    Intel Xeon AVX-512/AMX (issue 13)                        1.2e-6    (router_logits 1.99e-5 at 17)
+    independent from-spec re-implementation (golden README)   7.6e-7
+so the fp32 rows allow FP32_REORDER = 1e-5 relative to max |reference| (84 ulps: 8x the worst
+spread seen). Nothing is claimed bit-exact unless it is exact on every CPU: only the image
+preprocessing is (explicit per-tap float32 rounding in numpy, see "preprocess/*"); vit_pre_ln is
+exact with AVX2 kernels and 1.8e-7 off with the default ones.
 
 What a real bug looks like, for scale: the smallest model bugs tried (`parity_spread --mutations`:
 layer-norm eps 1e-6 -> 1e-5, RoPE theta x2, one masked key position unmasked, one weight column
@@ -117,15 +120,17 @@ TABLE: dict[str, Tolerance] = {
     "fp16/decode_logits": Tolerance(1e-3, 2e-2, "+ the fp16 KV cache: twice prefill"),
     "fp16/cosine": Tolerance(1e-3, 0.0, "1 - cosine, fp16 stages", "one_minus_cosine"),
     # --- quantized artifacts (molmo_calibration quality report; molmo-verify on int8/int4) ----
-    # INT8 weights carry a relative error <= 1/254 each (symmetric, per channel/block); summed
-    # over a dot product the output error is a fraction of a percent of the logit scale.
-    # Measured on the random demo: median max|dlogit| 0.03-0.1 at logit scale ~4 (<= 2.5%).
-    "quant/int8_logit_error": Tolerance(0.0, 0.05, "median over positions of max|dlogit|, "
-                                        "relative to max|fp32 prefill logits|: 2x the measured "
-                                        "2.5%; a wrong scale or block gives O(1)", "logit_error"),
-    "quant/int8_kl_mean": Tolerance(0.0, 0.5 * 0.05 ** 2, "KL(fp32||int8) nats ~ 1/2 Var(dlogit)"
-                                    " for small errors: 1/2 (int8 logit error)^2 at unit logit "
-                                    "scale; measured 6.5e-4 on the demo", "kl_mean"),
+    # Scale: max |fp32 prefill logits| of the held-out samples. Measured on the random demo
+    # (median over positions of max |dlogit| / scale), 2-vCPU AMD EPYC, AVX2 without VNNI:
+    # ort-int8 5.6%, trt-int8-qdq 4.2%; broken ones: ort-int8 with full 8-bit weights (int16
+    # saturation of the AVX2 kernel) 16.7%, ort-int4 26.9%.
+    "quant/int8_logit_error": Tolerance(0.0, 0.10, "median of max|dlogit| <= 10% of the logit "
+                                        "scale: 1.8x the worst correct int8 measured, below "
+                                        "saturated int8 (16.7%) and int4 (26.9%)", "logit_error"),
+    "quant/int8_kl_mean": Tolerance(0.0, 0.5 * 0.10 ** 2, "KL(fp32||int8) in nats ~ 1/2 "
+                                    "Var_p(dlogit) <= 1/2 (logit error bound)^2 (second-order "
+                                    "expansion); times scale^2. Measured 9e-4..1.9e-3 at scale "
+                                    "3.2 (bound 0.051)", "kl_mean"),
 }
 
 
