@@ -65,7 +65,8 @@ def compare(stage: str, case: str, got: np.ndarray, ref: np.ndarray) -> StageRes
 
 def progress_line(i: int, n: int, name: str, seconds: float, checks: int, failed: int) -> str:
     status = f"{failed} FAILED" if failed else "ok"
-    return f"[molmo-verify {i}/{n}] {name}: {checks} checks {status} ({seconds:.1f} s)"
+    plural = "" if checks == 1 else "s"
+    return f"[molmo-verify {i}/{n}] {name}: {checks} check{plural} {status} ({seconds:.1f} s)"
 
 
 def format_table(results: list[StageResult]) -> str:
