@@ -5,9 +5,10 @@
 PY ?= python3
 VENV := .venv
 RT_VENV := .venv-runtime
+TRITON_VENV := .venv-triton
 OUT ?= out/demo
 
-.PHONY: demo test test-main test-runtime typecheck wheel clean
+.PHONY: demo test test-main test-runtime test-triton typecheck wheel clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +25,14 @@ $(RT_VENV)/.installed: pyproject.toml
 	$(RT_VENV)/bin/pip install -q -e '.[ort,quant,dev]'
 	touch $@
 
+# Triton Inference Server's environment: nvidia-pytriton bundles tritonserver and pins numpy<2,
+# so the server (and the Python-backend model, via EXECUTION_ENV_PATH) gets its own venv.
+$(TRITON_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' -e '.[ort]'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/molmo-export --model demo --target ort-fp32 --out $(OUT) --force
 	$(VENV)/bin/molmo-run $(OUT) --image runtime/molmo_runtime/assets/demo.jpg \
@@ -32,8 +41,8 @@ demo: $(VENV)/.installed
 # Every part runs even when an earlier one fails; the summary names the failed parts and the
 # exit status is non-zero if any failed. test-main runs first: it exports the test artifacts
 # (build/test-artifacts) that test-runtime reuses without torch.
-PARTS := test-main test-runtime typecheck
-test: $(VENV)/.installed $(RT_VENV)/.installed
+PARTS := test-main test-runtime test-triton typecheck
+test: $(VENV)/.installed $(RT_VENV)/.installed $(TRITON_VENV)/.installed
 	@failed=""; for part in $(PARTS); do \
 		echo "=== make $$part"; \
 		$(MAKE) --no-print-directory $$part || failed="$$failed $$part"; \
@@ -43,12 +52,16 @@ test: $(VENV)/.installed $(RT_VENV)/.installed
 
 PYTEST_ARGS ?= --durations=30
 test-main: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q tests --ignore=tests/serving $(PYTEST_ARGS)
 
 test-runtime: $(RT_VENV)/.installed
 	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 	$(RT_VENV)/bin/python -m pytest -q tests/runtime tests/calibration tests/test_torch_free.py \
 		$(PYTEST_ARGS)
+
+# A real tritonserver on 127.0.0.1 serving the demo artifact (tests/serving/test_triton.py).
+test-triton: $(VENV)/.installed $(TRITON_VENV)/.installed
+	$(VENV)/bin/python -m pytest -q tests/serving $(PYTEST_ARGS)
 
 # tensorrt-stubs 10.13 ships .pyi files without py.typed and with a few lines mypy cannot read:
 # check against a fixed copy (tests/gpu/trt_stubs.py says what it fixes).
@@ -63,4 +76,4 @@ wheel: $(VENV)/.installed
 	@ls dist/molmo_export-*.whl
 
 clean:
-	rm -rf $(VENV) $(RT_VENV) out build dist
+	rm -rf $(VENV) $(RT_VENV) $(TRITON_VENV) out build dist

@@ -71,7 +71,7 @@ class TorchRunner:
 
 def verify_quantized(artifact_dir: Path, ref: MolmoForConditionalGeneration,
                      log: Log = print) -> list[StageResult]:
-    manifest = load_manifest(artifact_dir, verify="full")
+    manifest = load_manifest(artifact_dir, verify="full", allow_unverified=True)
     report_file = manifest.path(manifest.raw.get("quality", {}).get("report",
                                                                     "quality_report.json"))
     if not report_file.is_file():

@@ -99,3 +99,10 @@ def demo_quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         return made[target]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hash_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Artifact hash caches (molmo_runtime.hash_cache) of the test run go to a temporary folder,
+    not the user's ~/.cache (subprocesses inherit it)."""
+    os.environ.setdefault("MOLMO_HASH_CACHE", str(tmp_path_factory.mktemp("hash-cache")))
