@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   export the built-in demo Molmo and answer a prompt about a bundled photo
+#   make demo   export the trained demo Molmo and point at a shape in a bundled image
 #   make test   run the whole test suite (what CI runs)
 PY ?= python3
 VENV := .venv
@@ -23,10 +23,13 @@ $(RT_VENV)/.installed: pyproject.toml
 	$(RT_VENV)/bin/pip install -q -e '.[ort,quant,dev]'
 	touch $@
 
+# The trained demo (docs/demo_model.md) points at a shape in the bundled shapes image; the
+# points are printed in pixels and drawn into $(OUT)-points.png.
 demo: $(VENV)/.installed
 	$(VENV)/bin/molmo-export --model demo --target ort-fp32 --out $(OUT) --force
-	$(VENV)/bin/molmo-run $(OUT) --image runtime/molmo_runtime/assets/demo.jpg \
-		--prompt "Point to the cat." --max-new-tokens 24
+	rm -f $(OUT)-points.png
+	$(VENV)/bin/molmo-run $(OUT) --image runtime/molmo_runtime/assets/shapes.png \
+		--prompt "Point to the red circle." --max-new-tokens 64 --draw $(OUT)-points.png
 
 test: test-main test-runtime typecheck
 

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mb", type=int, default=1024,
                    help="array size of the memory-bandwidth probe (default 1024 MiB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    p.add_argument("--eval", type=int, default=0, metavar="N",
+                   help="also answer N held-out shapes-task questions (models trained on the "
+                        "task, e.g. the demo preset) and report the task accuracy")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--markdown", default=None, metavar="FILE",
                    help="write the markdown table (it is always printed)")
@@ -134,6 +137,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                              contexts=args.contexts, context_steps=args.context_steps,
                              seed=args.seed)
     settings.check(manifest.max_seq_len, sequence_tokens)
+    if args.eval < 0:
+        raise InputError(f"--eval {args.eval}: give a number of questions (0 = no evaluation)")
 
     log(f"memory bandwidth and GEMM probes ({args.bandwidth_mb} MiB, child process)")
     bandwidth, gemm_gflops = measure_in_subprocess(threads, args.bandwidth_mb)
@@ -160,6 +165,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 worker.step(kind, index)
                 time.sleep(SWITCH_PAUSE_S)
         runtime = runtime_bench.result()
+        task = None
+        if args.eval:
+            from molmo_calibration.shapes.evaluate import evaluate_pipeline
+
+            log(f"task accuracy: {args.eval} held-out shapes questions")
+            task = evaluate_pipeline(pipe, args.eval).to_dict()
         pipe.backend.close()
         del pipe, runtime_bench  # free the sessions and their threads before anything else runs
         gc.collect()
@@ -228,6 +239,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if torch_result is not None:
         report["torch"] = torch_result
         report["speedup"] = speedups(runtime, torch_result)
+    if task is not None:
+        report["task"] = task
     return report
 
 

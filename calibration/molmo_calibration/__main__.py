@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty OUT that holds no artifact (files kept)")
+    p.add_argument("--task-questions", type=int, default=None,
+                   help="held-out shapes-task questions for the task gate (default: 600 for a "
+                        "model trained on the shapes task, e.g. the demo preset; 0 skips it)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     from molmo_calibration.quantize import quantize_artifact
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         quantize_artifact(args.src, args.out, args.target, args.calibration_set,
                           allow_degraded=args.allow_degraded, progress=not args.quiet,
                           max_samples=args.max_samples, new_tokens=args.new_tokens,
-                          threads=args.threads, force=args.force)
+                          threads=args.threads, force=args.force,
+                          task_questions=args.task_questions)
     except MolmoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("auto", "ort", "trt"), default="auto")
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--draw", metavar="OUT.png", default=None,
+                   help="write the image with the answer's points drawn on it")
     args = p.parse_args(argv)
+    if args.draw and not args.image:
+        p.error("--draw needs --image")
     try:
         from molmo_runtime.pipeline import MolmoPipeline
 
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             result = pipe.last_result
         else:
             result = pipe.generate(args.image, args.prompt, **kwargs)
+        if args.draw:
+            from molmo_runtime.draw import draw_points
+
+            draw_points(args.image, result.points, args.draw)
     except MolmoError as e:
         print(f"molmo-run: error: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,10 @@ class OrtBackend(Backend):
     def start(self, batch: int) -> None:
         if not self._cache or self._cache[0].shape[0] != batch:
             shape = cache_shape(self.dims, batch)
-            self._cache = [np.zeros(shape, np.float32) for _ in self._past_names]
+            # The cache's dtype is the graph's (fp16 in the fp16 graphs TensorRT builds from).
+            types = {i.name: i.type for i in self._sessions[DECODER].get_inputs()}
+            self._cache = [np.zeros(shape, np.float16 if types[n] == "tensor(float16)"
+                                    else np.float32) for n in self._past_names]
             self._binding = self._sessions[DECODER].io_binding()
             for name, arr in zip(self._past_names, self._cache):
                 self._binding.bind_cpu_input(name, arr)  # shares the array's memory
