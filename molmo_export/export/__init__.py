@@ -13,7 +13,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,36 +47,53 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
                     force: bool = False, verify: bool = True, from_onnx: bool = False,
                     calibration_set: str | os.PathLike[str] = "default",
                     allow_degraded: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print) -> Path:
+                    keep_fp32: str | os.PathLike[str] | None = None,
+                    log: Callable[[str], None] = print,
+                    trt_options: Mapping[str, Any] | None = None) -> Path:
     """Export `model` (a checkpoint directory or a preset name such as "demo") for `target`.
 
-    Returns the artifact directory. See the README for what each target produces.
+    Returns the artifact directory. See the README for what each target produces. The output
+    folder is locked for the whole run (a second writer fails at once). A quantized target
+    builds its fp32 intermediate inside OUT's work area and removes it, or keeps it in
+    `keep_fp32` (a new or empty folder, or an artifact to replace); only `out` is written.
+    trt_options: keyword arguments of molmo_export.trt.build_engines (max_prompt_len,
+    workspace_gb, timing_cache, builder_optimization_level) for trt-* targets.
     """
+    from molmo_export.export.artifact_dir import WORK, OutputLock
+
     check_target(target)
     out = Path(out)
-    if from_onnx:
-        if not target.startswith("trt-"):
-            raise MolmoError("--from-onnx builds TensorRT engines from an existing artifact; "
-                             "use it with --target trt-fp16 or trt-int8")
-    else:
-        from molmo_export.export.onnx_export import export_onnx_artifact
+    quantized = target in QUANTIZED_TARGETS
+    if keep_fp32 is not None and not quantized:
+        raise MolmoError(f"--keep-fp32 keeps the fp32 intermediate of a quantized target; "
+                         f"--target {target} has none")
+    if from_onnx and not target.startswith("trt-"):
+        raise MolmoError("--from-onnx builds TensorRT engines from an existing artifact; "
+                         "use it with --target trt-fp16 or trt-int8")
+    with OutputLock(out):
+        if not from_onnx:
+            from molmo_export.export.onnx_export import export_onnx_artifact
 
-        quantized = target in QUANTIZED_TARGETS
-        # Quantized targets start from an fp32 artifact written beside the final one.
-        fp32_out = out.with_name(out.name + "-fp32") if quantized else out
-        export_onnx_artifact(model, fp32_out, target="onnx" if quantized else target,
-                             max_crops=max_crops, max_seq_len=max_seq_len, opset=opset,
-                             force=force, verify=verify, progress=progress, log=log)
-        if quantized:
-            from molmo_calibration import quantize_artifact
+            fp32_out = Path(keep_fp32) if keep_fp32 is not None else \
+                out / WORK / "fp32" if quantized else out
+            try:
+                export_onnx_artifact(model, fp32_out, target="onnx" if quantized else target,
+                                     max_crops=max_crops, max_seq_len=max_seq_len, opset=opset,
+                                     force=force, verify=verify, progress=progress, log=log)
+                if quantized:
+                    from molmo_calibration import quantize_artifact
 
-            quantize_artifact(fp32_out, out, target=QUANTIZED_TARGETS[target],
-                              calibration_set=calibration_set, allow_degraded=allow_degraded,
-                              progress=progress, force=force, log=log)
-    if target.startswith("trt-"):
-        from molmo_export.trt.builder import build_engines
+                    quantize_artifact(fp32_out, out, target=QUANTIZED_TARGETS[target],
+                                      calibration_set=calibration_set,
+                                      allow_degraded=allow_degraded, progress=progress,
+                                      force=force, log=log)
+            finally:
+                if quantized and keep_fp32 is None:
+                    shutil.rmtree(out / WORK, ignore_errors=True)
+        if target.startswith("trt-"):
+            from molmo_export.trt.builder import build_engines
 
-        build_engines(out, target, progress=progress)
+            build_engines(out, target, progress=progress, **dict(trt_options or {}))
     return out
 
 
