@@ -1,5 +1,5 @@
-"""The real demo model (exported by molmo_export; random weights) quantized with the bundled
-calibration set through the real Molmo preprocessing, for every target; the results run in
+"""The real demo model (exported by molmo_export; trained on the shapes task) quantized with the
+bundled calibration set through the real Molmo preprocessing, for every target; the results run in
 MolmoPipeline / molmo-run. Exporting needs torch (the torch-free environment reuses the artifact
 exported by the torch session, or skips)."""
 
@@ -21,6 +21,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 PHOTO = REPO / "runtime" / "molmo_runtime" / "assets" / "demo.jpg"
+TASK_QUESTIONS = 200  # held-out shapes questions per artifact (molmo-eval's default is 600)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def demo_quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
                 warnings.simplefilter("ignore", QualityWarning)
                 report = quantize_artifact(demo_artifact, out, target,  # type: ignore[arg-type]
                                            allow_degraded=target == "ort-int4",
+                                           task_questions=TASK_QUESTIONS,
                                            progress=False, log=lambda s: None)
             made[target] = (out, report)
         return made[target]
@@ -54,7 +56,9 @@ def test_int8_demo_meets_the_thresholds(
     out, report = demo_quantized(target)
     assert report.passed, report.to_markdown()
     assert report.stages["vision_features"].cosine_min >= 0.99
-    assert report.decoder.top1 >= 0.97
+    # The task decides the decoder gate: every task within 1 point of fp32 on the same questions.
+    assert report.task is not None and report.task.quantized["questions"] == TASK_QUESTIONS
+    assert all(round(d, 4) <= 0.01 for d in report.task.drops().values()), report.to_markdown()
     m = load_manifest(out, verify="full")
     cs = load_calibration_set("default")
     assert m.raw["calibration"] == {"set": "default", "set_sha256": cs.sha256,
@@ -67,7 +71,10 @@ def test_int4_demo_report_is_honest(
     out, report = demo_quantized("ort-int4")
     assert load_manifest(out).raw["quality"]["passed"] is report.passed
     assert report.stages["vision_features"].cosine_min >= 0.99  # the encoders are int8
-    assert report.decoder.top1 > 0.5  # far better than chance (1/512), below the int8 gate
+    assert report.decoder.top1 > 0.5  # far better than chance (1/512)
+    assert report.task is not None and report.task.max_drop == 0.05
+    # its task gate (5 points) is part of the verdict
+    assert set(report.task.failures()) <= set(report.failures)
 
 
 def test_trt_qdq_graphs_pass_the_checker(

@@ -64,6 +64,22 @@ class TaskComparison:
                 "drops": {k: round(v, 4) for k, v in self.drops().items()}}
 
 
+# fp32 scores by (artifact folder, its manifest's creation time, questions): quantizing one
+# artifact for several targets in one process answers the fp32 questions once.
+_FP32_SCORES: dict[tuple[str, str, int], TaskScores] = {}
+
+
+def fp32_scores(fp32_dir: Path, questions: int, threads: int | None = None) -> TaskScores:
+    """The fp32 artifact's held-out scores (ONNX Runtime), computed once per process."""
+    from molmo_runtime.pipeline import MolmoPipeline
+
+    pipe = MolmoPipeline.from_dir(fp32_dir, backend="ort", threads=threads, verify="none")
+    key = (str(Path(fp32_dir).resolve()), str(pipe.manifest.raw.get("created_utc")), questions)
+    if key not in _FP32_SCORES:
+        _FP32_SCORES[key] = evaluate_pipeline(pipe, questions)
+    return _FP32_SCORES[key]
+
+
 def compare_task(fp32_dir: Path, quantized: Manifest, max_drop: float, questions: int,
                  threads: int | None = None) -> TaskComparison:
     """Answer the held-out questions with the fp32 artifact and with `quantized` (a manifest
@@ -72,8 +88,7 @@ def compare_task(fp32_dir: Path, quantized: Manifest, max_drop: float, questions
     from molmo_runtime.pipeline import MolmoPipeline
     from molmo_runtime.processing import MolmoProcessor
 
-    fp32 = MolmoPipeline.from_dir(fp32_dir, backend="ort", threads=threads, verify="none")
-    ref = evaluate_pipeline(fp32, questions)
+    ref = fp32_scores(fp32_dir, questions, threads)
     pipe = MolmoPipeline(quantized, OrtBackend(quantized, threads=threads),
                          MolmoProcessor.from_pretrained(quantized.directory))
     got = evaluate_pipeline(pipe, questions)
@@ -81,4 +96,4 @@ def compare_task(fp32_dir: Path, quantized: Manifest, max_drop: float, questions
 
 
 __all__ = ["DEFAULT_QUESTIONS", "SHAPES_MODELS", "TaskComparison", "TaskScores", "compare_task",
-           "is_shapes_model"]
+           "fp32_scores", "is_shapes_model"]
