@@ -4,8 +4,8 @@
     scores.accuracy("point"), scores.well_formed, scores.to_markdown()
 
 Every question is answered greedily by the artifact's own pipeline (processor, backend, sampler)
-from the rendered image and the prompt, exactly as `molmo-run` would, and scored by
-molmo_calibration.shapes.score.
+from the rendered image and the prompt, in batches of 32 (as `generate_from_inputs` batches
+them), and scored by molmo_calibration.shapes.score.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from molmo_calibration.shapes.score import score
 from molmo_calibration.shapes.task import HELDOUT_SEED, QUESTION_KINDS, heldout_set, render
 
 # Longest answer of the task ("Point to all" with 4 shapes) is ~100 byte tokens.
 MAX_NEW_TOKENS = 120
+BATCH = 32  # questions decoded together
 # The accuracies the task's goals and gates are stated on (description is reported only).
 SCORED_KINDS = ("point", "point_all", "count", "color")
 # pointing accuracy pools the single and the "all" questions
@@ -87,17 +90,46 @@ class TaskScores:
         return "\n".join(lines)
 
 
+def _padded(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Processor outputs -> one batch: ids right-padded with -1 (as the official processor
+    batches them), crops padded with all -1 pixels (the vision graph zeroes such crops) whose
+    image tokens are dropped (image_input_idx -100)."""
+    t = max(len(r["input_ids"]) for r in rows)
+    c = max(len(r["images"]) for r in rows)
+    _, patches, pdim = rows[0]["images"].shape
+    tokens = rows[0]["image_input_idx"].shape[1]
+    out = {"input_ids": np.full((len(rows), t), -1, np.int64),
+           "images": np.full((len(rows), c, patches, pdim), -1.0, np.float32),
+           "image_masks": np.full((len(rows), c, patches), -1.0, np.float32),
+           "image_input_idx": np.full((len(rows), c, tokens), -100, np.int32)}
+    for i, r in enumerate(rows):
+        out["input_ids"][i, :len(r["input_ids"])] = r["input_ids"]
+        for key in ("images", "image_masks", "image_input_idx"):
+            out[key][i, :len(r[key])] = r[key]
+    return out
+
+
 def evaluate_pipeline(pipe: Any, questions: int = 600, seed: int = HELDOUT_SEED,
-                      progress: Any = None) -> TaskScores:
-    """Score an open MolmoPipeline on the first `questions` of the held-out set of `seed`."""
+                      progress: Any = None, batch_size: int = BATCH) -> TaskScores:
+    """Score an open MolmoPipeline on the first `questions` of the held-out set of `seed`:
+    greedy answers, `batch_size` questions decoded together (MolmoPipeline.generate_from_inputs
+    with the processor's arrays, padded as the official batching does)."""
     scores = TaskScores(seed)
     start = time.perf_counter()
-    for i, (scene, q) in enumerate(heldout_set(questions, seed)):
-        image, labels = render(scene)
-        text = pipe.generate(image, q.prompt, max_new_tokens=MAX_NEW_TOKENS).text
-        scores.add(q.kind, *score(q, scene, labels, text))
+    items = heldout_set(questions, seed)
+    for first in range(0, len(items), batch_size):
+        chunk = items[first:first + batch_size]
+        rendered = [render(scene) for scene, _ in chunk]
+        rows = [pipe.processor(images=image, text=q.prompt)
+                for (image, _), (_, q) in zip(rendered, chunk)]
+        new = pipe.generate_from_inputs(**_padded(rows), max_new_tokens=MAX_NEW_TOKENS)
+        for (scene, q), (_, labels), ids in zip(chunk, rendered, new):
+            ids = list(ids)
+            if pipe.eos_id in ids:
+                ids = ids[:ids.index(pipe.eos_id)]
+            scores.add(q.kind, *score(q, scene, labels, pipe.processor.decode(ids)))
         if progress is not None:
-            progress(i + 1, questions)
+            progress(first + len(chunk), questions)
     scores.seconds = time.perf_counter() - start
     return scores
 
