@@ -36,7 +36,12 @@ from molmo_calibration.evaluate import (
 )
 from molmo_calibration.ort_quant import quantize_for_ort
 from molmo_calibration.qdq import quantize_qdq_int8, strip_activation_qdq
-from molmo_calibration.shapes.gate import DEFAULT_QUESTIONS, compare_task, is_shapes_model
+from molmo_calibration.shapes.gate import (
+    DEFAULT_QUESTIONS,
+    compare_task,
+    is_shapes_model,
+    manifest_over,
+)
 from molmo_calibration.smoothquant import smooth_model
 from molmo_calibration.recipes import RECIPES, TASK_MAX_DROP, Method, Target, TargetRecipe
 from molmo_calibration.report import (
@@ -130,7 +135,7 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
             raw = _manifest(src, recipe, report, calibration)
             if recipe.qdq_dir:  # the QDQ graphs TensorRT builds from, run in ORT
                 raw["graphs"] = raw["graphs_qdq"]
-            task = compare_task(src.directory, Manifest(writer.staging, raw),
+            task = compare_task(src.directory, manifest_over(writer.staging, raw),
                                 TASK_MAX_DROP[recipe.target], task_questions, threads)
             report = dataclasses.replace(report, task=task, failures=thresholds.failures(
                 report.stages, report.decoder, task))

@@ -46,9 +46,11 @@ def fp16_manifest(artifact_dir: str | os.PathLike[str], workdir: str | os.PathLi
         report = fp16_onnx(src.path(spec.file), dest, spec, settings.fp32_residual)
         if log is not None:
             log(f"{name}: fp16 graph ({report.summary()})")
+    from molmo_calibration.shapes.gate import manifest_over
+
     raw = {k: v for k, v in src.raw.items() if k != "files"}
     raw["precision"] = {name: "fp16" for name in src.graphs}
-    return Manifest(work, raw)
+    return manifest_over(work, raw)
 
 
 def fp16_pipeline(artifact_dir: str | os.PathLike[str], workdir: str | os.PathLike[str],

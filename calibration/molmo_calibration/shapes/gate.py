@@ -22,6 +22,17 @@ SHAPES_MODELS = ("demo",)
 DEFAULT_QUESTIONS = 600
 
 
+def manifest_over(directory: Path, raw: dict[str, Any]) -> Manifest:
+    """A Manifest for a folder that is not a committed artifact (a staging folder, a scratch
+    folder of converted graphs): `raw` with every file under `directory` listed and hashed."""
+    from molmo_runtime.manifest import MANIFEST_NAME, file_record
+
+    files = sorted(p.relative_to(directory).as_posix() for p in Path(directory).rglob("*")
+                   if p.is_file() and p.name != MANIFEST_NAME)
+    return Manifest(Path(directory), {**raw, "files": {f: file_record(directory, f)
+                                                       for f in files}})
+
+
 def is_shapes_model(manifest: Manifest) -> bool:
     return str(manifest.raw.get("model", {}).get("name")) in SHAPES_MODELS
 
@@ -96,4 +107,4 @@ def compare_task(fp32_dir: Path, quantized: Manifest, max_drop: float, questions
 
 
 __all__ = ["DEFAULT_QUESTIONS", "SHAPES_MODELS", "TaskComparison", "TaskScores", "compare_task",
-           "fp32_scores", "is_shapes_model"]
+           "fp32_scores", "is_shapes_model", "manifest_over"]
