@@ -5,7 +5,7 @@ device memory is host bytes. So this checks our side of the runner (buffer sizes
 profile choice, KV-cache appends, mask uploads, CUDA-graph replay, chunking, refusals), not
 TensorRT's kernels; tests/gpu/test_trt_engines.py does that where a GPU exists.
 
-Tolerance: FP16_REL = 1e-2 of max |logit| (fp16 engine vs fp32 ONNX; see test_trt_fp16.py).
+Tolerance: row "fp16/graph_output" of molmo_runtime.tolerances (of max |logit|).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from molmo_runtime.tolerances import TABLE
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -31,7 +33,7 @@ from molmo_runtime.trt_env import MachineInfo  # noqa: E402
 from tests.gpu import fake_trt  # noqa: E402
 from tests.gpu.tiny_graphs import decoder_reference, tiny_dims, write_tiny_artifact  # noqa: E402
 
-FP16_REL = 1e-2
+FP16_REL = TABLE["fp16/graph_output"].rtol
 DIMS = tiny_dims(max_seq_len=24, max_crops=3)
 
 

@@ -107,6 +107,14 @@ class OrtBackend(Backend):
     def cache_length(self) -> int:
         return self._state.length if self._state is not None else 0
 
+    @property
+    def _cache(self) -> list[np.ndarray]:
+        """The implicit state's K/V arrays (molmo_export.verify compares them with the
+        reference's present K/V)."""
+        if self._state is None or self._state.cache is None:
+            raise InputError("no cache: call start(batch) first")
+        return self._state.cache
+
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                position_ids: np.ndarray) -> np.ndarray:
         if self._state is None:
@@ -132,6 +140,11 @@ class _OrtState(DecodeState):
     @property
     def length(self) -> int:
         return self._length
+
+    @property
+    def cache(self) -> list[np.ndarray] | None:
+        """[B, kv_heads, max_seq_len, head_dim] per K and V of each layer; None once closed."""
+        return self._cache
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                position_ids: np.ndarray) -> np.ndarray:
