@@ -62,7 +62,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from molmo_export.export import export_artifact
 
     out = tmp_path_factory.mktemp("trt") / "demo"
-    export_artifact(model="demo", target="onnx", out=out, max_seq_len=512, progress=False)
+    export_artifact(model="demo-random", target="onnx", out=out, max_seq_len=512, progress=False)
     return Path(out)
 
 

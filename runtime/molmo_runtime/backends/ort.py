@@ -86,9 +86,12 @@ class OrtBackend(Backend):
             for i, cache in enumerate(self._pool):
                 if cache[0].shape[0] == batch:
                     return self._pool.pop(i)
-        check_cache_size(self.dims, batch, np.dtype(np.float32).itemsize)
+        # The cache's dtype is the graph's (fp16 in the fp16 graphs TensorRT builds from).
+        types = {i.name: i.type for i in self._sessions[DECODER].get_inputs()}
+        dtype = np.float16 if types[self._past_names[0]] == "tensor(float16)" else np.float32
+        check_cache_size(self.dims, batch, np.dtype(dtype).itemsize)
         shape = cache_shape(self.dims, batch)
-        return [np.zeros(shape, np.float32) for _ in self._past_names]
+        return [np.zeros(shape, dtype) for _ in self._past_names]
 
     def _return_cache(self, cache: list[np.ndarray]) -> None:
         with self._pool_lock:
