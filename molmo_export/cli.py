@@ -41,6 +41,10 @@ def _export_parser() -> argparse.ArgumentParser:
                         "+ prompts.jsonl")
     p.add_argument("--allow-degraded", action="store_true",
                    help="warn instead of failing when quantized quality is below thresholds")
+    p.add_argument("--decoder", choices=("auto", "portable"), default="auto",
+                   help="ort-* targets: 'auto' uses the decoder graph made for ONNX Runtime "
+                        "(fused contrib ops) where the model allows it, 'portable' the plain-op "
+                        "graph (default: auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     return p
@@ -59,7 +63,8 @@ def main_export(argv: list[str] | None = None) -> int:
                                max_seq_len=args.max_seq_len, opset=args.opset, force=args.force,
                                verify=args.verify, from_onnx=args.from_onnx,
                                calibration_set=args.calibration_set,
-                               allow_degraded=args.allow_degraded, progress=args.progress)
+                               allow_degraded=args.allow_degraded, progress=args.progress,
+                               decoder=args.decoder)
     except MolmoError as e:
         print(f"molmo-export: error: {e}", file=sys.stderr)
         return 2
