@@ -9,9 +9,10 @@ targets do (molmo_calibration's recipe on the fp32 decoder), the fused ones from
 recorded in the manifest (ort_decoder). It then checks that the two agree (fused_artifact's
 check) and, for each round, times
 
-    decode step   at each context: fill the cache to ctx, then `steps` single-token steps,
+    decode step   at each context: the cache filled to ctx, then `steps` single-token steps,
                   alternating portable / fused step by step (same inputs, same load)
-    prefill       one call over `prefill` positions (the image-and-prompt prefill of TTFT)
+    prefill       one call over `prefill` positions (the image-and-prompt prefill of TTFT),
+                  each round (see measure())
 
 and counts the nodes ONNX Runtime executes in one decode step (its profiler's node events).
 Medians over rounds, with min..max, and fused/portable ratios per round (median and spread).
@@ -101,28 +102,32 @@ def _step(b: OrtBackend, rng: np.random.Generator, d: int, total: int) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def time_round(pair: dict[str, OrtBackend], d: int, contexts: list[int], steps: int,
-               prefill: int, seed: int) -> dict[str, dict[str, float]]:
-    """One round: per context, decode steps alternating between the two; then prefill."""
-    out: dict[str, dict[str, float]] = {k: {} for k in pair}
+def measure(pair: dict[str, OrtBackend], d: int, contexts: list[int], steps: int,
+            rounds: int, prefill: int) -> list[dict[str, dict[str, float]]]:
+    """Per round: the prefill of `prefill` positions (timed, one backend after the other), then
+    at each context `steps` decode steps alternating between the backends step by step.
+    The cache of a long context is filled once (untimed) and keeps growing over the rounds
+    (by `steps` positions a round), so a 1024-token prefill is not paid per round."""
+    out: list[dict[str, dict[str, float]]] = [{k: {} for k in pair} for _ in range(rounds)]
     for ctx in contexts:
-        for b in pair.values():
-            b.start(1)
-            _fill(b, np.random.default_rng(seed), d, ctx)
-        times: dict[str, list[float]] = {k: [] for k in pair}
-        rng = np.random.default_rng(seed + 1)
-        for i in range(steps + 1):
-            for k, b in pair.items():
-                ms = _step(b, np.random.default_rng(rng.integers(1 << 30)), d, ctx + i)
-                if i:  # the first step after the fill is a warm-up
-                    times[k].append(ms)
-        for k in pair:
-            out[k][f"decode_ms@{ctx}"] = float(np.median(times[k]))
-    for k, b in pair.items():
-        b.start(1)
-        t = time.perf_counter()
-        _fill(b, np.random.default_rng(seed), d, prefill)
-        out[k][f"prefill_ms@{prefill}"] = (time.perf_counter() - t) * 1e3
+        for r in range(rounds):
+            if r == 0 or ctx == prefill:
+                for k, b in pair.items():
+                    b.start(1)
+                    t = time.perf_counter()
+                    _fill(b, np.random.default_rng(r), d, ctx)
+                    if ctx == prefill:
+                        out[r][k][f"prefill_ms@{prefill}"] = (time.perf_counter() - t) * 1e3
+            times: dict[str, list[float]] = {k: [] for k in pair}
+            rng = np.random.default_rng(100 + r)
+            length = next(iter(pair.values())).cache_length
+            for i in range(steps + 1):
+                for k, b in pair.items():
+                    ms = _step(b, rng, d, length + i)
+                    if i:  # the first step after a fill is a warm-up
+                        times[k].append(ms)
+            for k in pair:
+                out[r][k][f"decode_ms@{ctx}"] = float(np.median(times[k]))
     return out
 
 
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="64,450,1024")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prefill", type=int, default=600)
+    p.add_argument("--prefill", type=int, default=450,
+                   help="timed prefill length; must be one of --contexts (default 450)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default=None, help="folder for the made decoders (kept, reused)")
     p.add_argument("--json", default=None)
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("pass a portable fp32 artifact (molmo-export --target onnx)")
     work = Path(args.work or Path(args.artifact).with_name(Path(args.artifact).name + "-fused"))
     contexts = [int(c) for c in args.contexts.split(",")]
+    if args.prefill not in contexts:
+        p.error("--prefill must be one of --contexts")
     report: dict[str, Any] = {"command": "python benchmarks/fused_vs_portable.py "
                               + " ".join(argv or __import__("sys").argv[1:]),
                               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -170,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()
         pair = {"portable": decoder_backend(m, portable, "portable", args.threads),
                 "fused": decoder_backend(m, fused, "ort", args.threads)}
-        rounds = [time_round(pair, m.dims.d_model, contexts, args.steps, args.prefill, seed=r)
-                  for r in range(args.rounds)]
+        rounds = measure(pair, m.dims.d_model, contexts, args.steps, args.rounds, args.prefill)
         for b in pair.values():
             b.close()
         del pair

@@ -3,7 +3,7 @@
     artifact (fp32 or quantized, portable decoder) + checkpoint
       ─► build the fused decoder of the same precision from the checkpoint, one tensor at a time
       ─► check it against the portable decoder it replaces (same inputs, prefill + decode steps)
-      ─► manifest: decoder_flavour "ort", the decoder's spec, the check's numbers; committed last
+      ─► manifest: decoder_flavour "ort", the decoder's spec, the check's numbers (written last)
 
 Models the contrib ops cannot express exactly (ort_decoder.unsupported_reason: 7B-O, MolmoE)
 keep the portable decoder, and the manifest says why (`decoder_flavour_note`).

@@ -193,7 +193,8 @@ class _DecoderBuilder:
                                name=f"{out}.bias")[0]
         packed, scales = quantize_blockwise(w, bits, self.p.block_size)
         del w
-        inputs = [x, self.g.weight(f"{out}.qweight", packed), self.g.weight(f"{out}.scales", scales)]
+        inputs = [x, self.g.weight(f"{out}.qweight", packed),
+                  self.g.weight(f"{out}.scales", scales)]
         if b is not None:
             inputs += ["", "", self.g.weight(f"{out}.bias", b)]  # zero_points, g_idx: absent
         attrs = {"K": k, "N": n, "bits": bits, "block_size": self.p.block_size}
