@@ -2,7 +2,7 @@
 
 Three steps (the builder needs onnxruntime-genai, which is installed in its own venv):
 
-    # 1. bench-0.5b's decoder as a Hugging Face Qwen2 folder; checks the logits match ours
+    # 1. bench-0.5b's decoder as a Hugging Face Qwen2 folder
     .venv/bin/python benchmarks/genai_peer.py convert bench-0.5b /tmp/peer/hf
     # 2. the peer graphs (fp32 and int4, int4 with the same block size and accuracy level)
     /work/venv-genai/bin/python -m onnxruntime_genai.models.builder -i /tmp/peer/hf \
@@ -10,7 +10,8 @@ Three steps (the builder needs onnxruntime-genai, which is installed in its own 
     /work/venv-genai/bin/python -m onnxruntime_genai.models.builder -i /tmp/peer/hf \
         -o /tmp/peer/genai-int4 -p int4 -e cpu -c /tmp/peer/cache \
         --extra_options int4_block_size=32 int4_accuracy_level=4
-    # 3. time both with the same onnxruntime, alternating step by step
+    # 3. check the fp32 peer's logits against ours; time both with the same onnxruntime,
+    #    alternating step by step
     .venv/bin/python benchmarks/genai_peer.py time ARTIFACT_FP32 /tmp/peer/genai-fp32 \
         --ours FUSED_DECODER.onnx --contexts 450,1024 --rounds 3
 
@@ -32,65 +33,47 @@ import numpy as np
 
 
 def convert(model: str, out: str) -> None:
-    """Write the decoder of `model` as a HF Qwen2 folder; compare logits with ours."""
-    import torch
+    """Write the decoder of `model` as a HF Qwen2 folder (tensor by tensor, no model loaded).
+
+    The logits are checked where it matters, on the built peer graph against ours (`time`)."""
     from safetensors.numpy import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     from molmo_export.export.onnx_export import resolve_checkpoint
     from molmo_export.export.tensor_source import CheckpointTensors
-    from molmo_export.model import MolmoForConditionalGeneration
 
-    ckpt = resolve_checkpoint(model)
-    src = CheckpointTensors(ckpt)
+    src = CheckpointTensors(resolve_checkpoint(model))
     t = src.config.text
     if t.is_moe or t.norm_after or t.qk_norm or t.head_dim * t.num_heads != t.hidden_size:
         raise SystemExit("only Qwen2-structured decoders convert to a Qwen2 folder")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen2Config(
+    Qwen2Config(
         vocab_size=t.embedding_size, hidden_size=t.hidden_size,
         intermediate_size=t.mlp_hidden_size, num_hidden_layers=t.num_layers,
         num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
         max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.layer_norm_eps,
         rope_theta=t.rope_theta, tie_word_embeddings=False, torch_dtype="float32",
-        architectures=["Qwen2ForCausalLM"])
-    cfg.save_pretrained(out_dir)
-    ours = MolmoForConditionalGeneration.from_pretrained(ckpt).eval()
-    lm = ours.language_model
+        architectures=["Qwen2ForCausalLM"]).save_pretrained(out_dir)
     tensors: dict[str, np.ndarray] = {
         # the 128 extra image-token rows are not in a Qwen2 table (never used in text timing)
-        "model.embed_tokens.weight": lm.model.embed_tokens.weight[:t.embedding_size]
-        .detach().numpy(),
+        "model.embed_tokens.weight":
+            src.get("language_model.model.embed_tokens.weight")[:t.embedding_size],
         "model.norm.weight": src.get("language_model.model.norm.weight"),
         "lm_head.weight": src.get("language_model.lm_head.weight")}
-    ours_p = "language_model.model.layers.{}."
+    names = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
+             "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+             "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
     for i in range(t.num_layers):
-        o, h = ours_p.format(i), f"model.layers.{i}."
-        names = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
-                 "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-                 "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
-                 "mlp.down": "mlp.down_proj"}
+        o, h = f"language_model.model.layers.{i}.", f"model.layers.{i}."
         for a, b in names.items():
             tensors[h + b + ".weight"] = src.get(o + a + ".weight")
             if t.qkv_bias and a in ("attn.wq", "attn.wk", "attn.wv"):
                 tensors[h + b + ".bias"] = src.get(o + a + ".bias")
-        tensors[h + "input_layernorm.weight"] = src.get(o + "attn_norm.weight")
-        tensors[h + "post_attention_layernorm.weight"] = src.get(o + "mlp_norm.weight")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    del tensors
-    hf = Qwen2ForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
-    ids = torch.randint(0, t.vocab_size, (1, 37), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = hf(input_ids=ids).logits[0]
-        emb = lm.model.embed(ids)
-        mine, _ = lm(emb, torch.arange(37)[None], torch.ones(1, 37, dtype=torch.int64))
-    diff = float((ref - mine[0]).abs().max())
-    print(json.dumps({"hf_folder": str(out_dir), "max_abs_logits_vs_ours": diff,
-                      "max_logits": float(ref.abs().max())}))
-    if not diff < 1e-3:
-        raise SystemExit(f"the converted Qwen2 model differs from ours by {diff}")
+    print(json.dumps({"hf_folder": str(out_dir), "tensors": len(tensors)}))
 
 
 class GenaiDecoder:
@@ -148,6 +131,24 @@ class GenaiDecoder:
         return np.array(outs[0].numpy()[:, -1])
 
 
+def logits_check(m: Any, emb: np.ndarray, mine: Any, peer: GenaiDecoder,
+                 rng: np.random.Generator) -> dict[str, Any]:
+    """Both graphs on the same 37 ids (prefill) then 3 steps: the peer holds our weights."""
+    ids = rng.integers(0, m.dims.vocab_rows, (1, 40))
+    mine.start(1)
+    peer.start()
+    a = [mine.decode(np.asarray(emb[ids[:, :37]]), np.ones((1, 37), np.int64),
+                     np.arange(37, dtype=np.int64)[None])]
+    b = [peer.decode(ids[:, :37])]
+    for s in range(37, 40):
+        a.append(mine.decode(np.asarray(emb[ids[:, s:s + 1]]), np.ones((1, s + 1), np.int64),
+                             np.array([[s]], np.int64)))
+        b.append(peer.decode(ids[:, s:s + 1]))
+    x, y = np.stack(a), np.stack(b)
+    return {"max_abs_logits": float(np.abs(x - y).max()), "max_logits": float(np.abs(x).max()),
+            "same_top1": bool((x.argmax(-1) == y.argmax(-1)).all())}
+
+
 def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], steps: int,
               rounds: int, threads: int | None) -> dict[str, Any]:
     from molmo_runtime.manifest import load_manifest
@@ -158,6 +159,8 @@ def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], 
     mine = decoder_backend(m, Path(ours), "ort", threads)
     peer = GenaiDecoder(Path(genai_folder), threads, m.dims.max_seq_len)
     rng = np.random.default_rng(0)
+    check = logits_check(m, emb, mine, peer, rng)
+    print(json.dumps({"logits_check": check}), flush=True)
     per_round: list[dict[str, dict[str, float]]] = [{"ours": {}, "genai": {}}
                                                     for _ in range(rounds)]
     # as fused_vs_portable.measure: the first context's prefill is timed every round; longer
@@ -195,7 +198,7 @@ def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], 
             res["genai"][f"decode_ms@{ctx}"] = float(np.median(b))
             print(json.dumps({"context": ctx, "round": r, "ours": res["ours"],
                               "genai": res["genai"]}), flush=True)
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"logits_check": check}
     for key in per_round[0]["ours"]:
         ratios = [x["ours"][key] / x["genai"][key] for x in per_round]
         summary[key] = {

@@ -42,8 +42,10 @@ class CheckpointTensors:
         self.directory = Path(directory)
         self.config = config_from_checkpoint(self.directory)
         plan, _ = build_plan(self.config, _param_shapes(self.config))
-        self._where: dict[str, tuple[PlanEntry, Write]] = {
-            w.param: (entry, w) for entry in plan.values() for w in entry.writes}
+        self._parts: dict[str, list[tuple[PlanEntry, Write]]] = {}
+        for entry in plan.values():
+            for w in entry.writes:
+                self._parts.setdefault(w.param, []).append((entry, w))
         self._file: dict[str, Path] = {}
         for path in weight_files(self.directory):
             with _open(path) as f:
@@ -51,11 +53,18 @@ class CheckpointTensors:
                     self._file[key] = path
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self._where:
+        if name not in self._parts:
             raise CheckpointError(f"no checkpoint tensor fills parameter {name}")
-        entry, write = self._where[name]
-        if write.index is not None:  # embedding parts, experts: not read one by one here
-            raise CheckpointError(f"{name} is assembled from several checkpoint tensors")
+        parts = self._parts[name]
+        if any(isinstance(w.index, int) for _, w in parts):  # MoE experts: one per index
+            raise CheckpointError(f"{name} is stacked from per-expert tensors")
+        # a whole tensor, rows of a fused one (q|k|v), or row ranges (the embedding's parts)
+        parts = sorted(parts, key=lambda p: p[1].index[0] if isinstance(p[1].index, tuple)
+                       else 0)
+        arrays = [self._read(entry, w) for entry, w in parts]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+    def _read(self, entry: PlanEntry, write: Write) -> np.ndarray:
         if entry.official not in self._file:
             raise CheckpointError(f"{self.directory}: tensor {entry.official} is missing")
         with _open(self._file[entry.official]) as f:
