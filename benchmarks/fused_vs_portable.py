@@ -34,18 +34,17 @@ import numpy as np
 
 from molmo_runtime.backends.ort import OrtBackend
 from molmo_runtime.errors import MolmoError
-from molmo_runtime.graph_io import DECODER, decoder_spec
+from molmo_runtime.graph_io import DECODER
 from molmo_runtime.manifest import Manifest, load_manifest
 
 
 def decoder_backend(m: Manifest, path: Path, flavour: str, threads: int | None,
                     profile: str | None = None) -> OrtBackend:
     """The runtime's ORT backend over one decoder file (only the decoder graph is loaded)."""
-    graphs = {**m.raw["graphs"],
-              DECODER: {**decoder_spec(m.dims, flavour).to_dict(), "file": str(path)}}
-    view = Manifest(m.directory, {**m.raw, "graphs": graphs, "decoder_flavour": flavour})
-    return OrtBackend(view, providers=["CPUExecutionProvider"], threads=threads,
-                      graphs=(DECODER,), profile_prefix=profile)
+    from molmo_export.export.fused_artifact import decoder_view
+
+    return OrtBackend(decoder_view(m, path, flavour), providers=["CPUExecutionProvider"],
+                      threads=threads, graphs=(DECODER,), profile_prefix=profile)
 
 
 def make_decoders(m: Manifest, precision: str, work: Path, log: Callable[[str], None]

@@ -71,3 +71,10 @@ def golden_artifact() -> Path:
 @pytest.fixture(scope="session")
 def demo_artifact() -> Path:
     return exported_artifact("demo", "demo", max_seq_len=2048)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hash_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Artifact hash caches (molmo_runtime.hash_cache) of the test run go to a temporary folder,
+    not the user's ~/.cache (subprocesses inherit it)."""
+    os.environ.setdefault("MOLMO_HASH_CACHE", str(tmp_path_factory.mktemp("hash-cache")))

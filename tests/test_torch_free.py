@@ -22,6 +22,10 @@ MODULES = [
     "molmo_export.config",
     "molmo_export.export",
     "molmo_export.trt",
+    "molmo_triton",
+    "molmo_triton.server",
+    "molmo_triton.client",
+    "molmo_triton.cli",
 ]
 
 

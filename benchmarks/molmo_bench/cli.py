@@ -19,7 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from molmo_runtime.errors import InputError, MolmoError
+from molmo_runtime.cli_common import (
+    add_debug_flag,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
+from molmo_runtime.errors import InputError, require
 
 
 def _contexts(text: str) -> tuple[int, ...]:
@@ -45,44 +51,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime backend (default: trt if the artifact has engines, else ort)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--image", default=None,
-                     help="real image through the processor (preprocessing is timed)")
+                     help="real image through the processor (preprocessing is timed; "
+                          "default: none, synthetic inputs)")
     src.add_argument("--synthetic", action="store_true",
                      help="random pixels and prompt ids in the processor's layout (default)")
-    p.add_argument("--prompt", default="Describe this image.", help="prompt text with --image")
-    p.add_argument("--crops", type=int, default=None,
+    p.add_argument("--prompt", default="Describe this image.",
+                   help="prompt text with --image (default: 'Describe this image.')")
+    p.add_argument("--crops", type=positive_int, default=None,
                    help="crops of the synthetic image, incl. the low-res overview (default 5)")
-    p.add_argument("--prompt-tokens", type=int, default=None,
+    p.add_argument("--prompt-tokens", type=positive_int, default=None,
                    help="text tokens after the synthetic image tokens (default 32)")
-    p.add_argument("--new-tokens", type=int, default=64,
+    p.add_argument("--new-tokens", type=positive_int, default=64,
                    help="tokens generated per run (greedy, EOS does not stop it; default 64)")
-    p.add_argument("--runs", type=int, default=3, help="timed generations (default 3)")
-    p.add_argument("--warmup", type=int, default=1,
+    p.add_argument("--runs", type=positive_int, default=3, help="timed generations (default 3)")
+    p.add_argument("--warmup", type=non_negative_int, default=1,
                    help="untimed generations first (default 1)")
     p.add_argument("--contexts", type=_contexts, default=(64, 256, 1024),
                    help="context lengths for decode step latency (default 64,256,1024)")
-    p.add_argument("--context-steps", type=int, default=16,
+    p.add_argument("--context-steps", type=positive_int, default=16,
                    help="timed decode steps per context length (default 16)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for ORT and torch (default: physical cores)")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the PyTorch reference (fp32, same weights and inputs) and "
-                        "report speedups; needs the export extra")
+                        "report speedups; needs the export extra (default: off)")
     p.add_argument("--sequential", action="store_true",
                    help="with --compare-torch: run torch after the runtime is closed instead of "
                         "interleaving their steps (needs memory for one model at a time; "
-                        "interleaving is fairer on a busy machine)")
+                        "interleaving is fairer on a busy machine; default: off)")
     p.add_argument("--torch-model", default=None,
                    help="checkpoint for --compare-torch (default: the source recorded in the "
                         "artifact's manifest)")
-    p.add_argument("--bandwidth-mb", type=int, default=1024,
+    p.add_argument("--bandwidth-mb", type=positive_int, default=1024,
                    help="array size of the memory-bandwidth probe (default 1024 MiB)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the synthetic inputs (default 0)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write the results as JSON (default: not written)")
     p.add_argument("--markdown", default=None, metavar="FILE",
-                   help="write the markdown table (it is always printed)")
+                   help="write the markdown table (it is always printed; default: not written)")
     p.add_argument("--plot", default=None, metavar="FILE",
-                   help="write a PNG: TTFT stage bars, decode latency vs context")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+                   help="write a PNG: TTFT stage bars, decode latency vs context (default: "
+                        "not written)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (default: off)")
+    add_debug_flag(p)
     return p
 
 
@@ -115,6 +127,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if not args.quiet:
             print(text, file=sys.stderr, flush=True)
 
+    if args.compare_torch:  # before the probes: one line at once in a runtime-only install
+        require("torch", "export", "--compare-torch")
     if args.image is not None and (args.crops is not None or args.prompt_tokens is not None):
         raise InputError("--crops and --prompt-tokens shape the --synthetic inputs; with --image "
                          "the processor decides them (export with --max-crops to cap the crops)")
@@ -234,26 +248,26 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args, argv)
-        from molmo_runtime.fileio import atomic_open, write_json_atomic
+    return run_main("molmo-bench", lambda: _main(args, argv), debug=args.debug)
 
-        from molmo_bench.report import markdown
 
-        table = markdown(report)
-        print(table)
-        if args.json:
-            write_json_atomic(args.json, report)
-        if args.markdown:
-            with atomic_open(args.markdown, "w") as f:
-                f.write(table)
-        if args.plot:
-            from molmo_bench.plot import write_plot
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    report = run(args, argv)
+    from molmo_runtime.fileio import atomic_open, write_json_atomic
 
-            write_plot(report, args.plot)
-    except MolmoError as e:
-        print(f"molmo-bench: error: {e}", file=sys.stderr)
-        return 2
+    from molmo_bench.report import markdown
+
+    table = markdown(report)
+    print(table)
+    if args.json:
+        write_json_atomic(args.json, report)
+    if args.markdown:
+        with atomic_open(args.markdown, "w") as f:
+            f.write(table)
+    if args.plot:
+        from molmo_bench.plot import write_plot
+
+        write_plot(report, args.plot)
     return 0
 
 

@@ -9,37 +9,48 @@ import argparse
 import sys
 
 from molmo_calibration.recipes import TARGETS
-from molmo_runtime.errors import MolmoError
+from molmo_runtime.cli_common import add_debug_flag, positive_int, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main("python -m molmo_calibration", lambda: _quantize(args), debug=args.debug)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m molmo_calibration", description=__doc__)
     p.add_argument("src", help="fp32 artifact directory (molmo-export --target onnx)")
     p.add_argument("out", help="directory to write the quantized artifact to")
-    p.add_argument("--target", required=True, choices=TARGETS)
+    p.add_argument("--target", required=True, choices=TARGETS,
+                   help="quantized target to write (required)")
     p.add_argument("--calibration-set", default="default",
-                   help="bundled set name or a folder with images + prompts.jsonl")
+                   help="bundled set name or a folder with images + prompts.jsonl "
+                        "(default: default)")
     p.add_argument("--allow-degraded", action="store_true",
-                   help="write the artifact (with a warning) even below the quality thresholds")
-    p.add_argument("--max-samples", type=int, default=None,
-                   help="use at most this many samples of the set (calibration + held-out)")
-    p.add_argument("--new-tokens", type=int, default=16,
-                   help="greedy tokens per held-out sample in the quality report")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+                   help="write the artifact (with a warning) even below the quality "
+                        "thresholds (default: off)")
+    p.add_argument("--max-samples", type=positive_int, default=None,
+                   help="use at most this many samples of the set (calibration + held-out; "
+                        "default: all)")
+    p.add_argument("--new-tokens", type=positive_int, default=16,
+                   help="greedy tokens per held-out sample in the quality report (default: 16)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="ONNX Runtime intra-op threads (default: physical cores)")
     p.add_argument("--force", action="store_true",
-                   help="write into a non-empty OUT that holds no artifact (files kept)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = p.parse_args(argv)
+                   help="write into a non-empty OUT that holds no artifact (files kept; "
+                        "default: off)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (default: off)")
+    add_debug_flag(p)
+    return p
+
+
+def _quantize(args: argparse.Namespace) -> int:
     from molmo_calibration.quantize import quantize_artifact
 
-    try:
-        quantize_artifact(args.src, args.out, args.target, args.calibration_set,
-                          allow_degraded=args.allow_degraded, progress=not args.quiet,
-                          max_samples=args.max_samples, new_tokens=args.new_tokens,
-                          threads=args.threads, force=args.force)
-    except MolmoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    quantize_artifact(args.src, args.out, args.target, args.calibration_set,
+                      allow_degraded=args.allow_degraded, progress=not args.quiet,
+                      max_samples=args.max_samples, new_tokens=args.new_tokens,
+                      threads=args.threads, force=args.force)
     return 0
 
 

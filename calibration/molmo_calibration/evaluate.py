@@ -19,6 +19,7 @@ import numpy as np
 from molmo_calibration.calibration_set import CalibrationSample, CalibrationSet, Split
 from molmo_runtime.embedding import add_image_tokens
 from molmo_runtime.errors import InputError, require
+from molmo_runtime.manifest import Manifest, load_manifest
 from molmo_runtime.graph_io import (
     CONNECTOR,
     DECODER,
@@ -43,12 +44,15 @@ class PreparedSample:
     image_masks: np.ndarray | None  # [crops, 576] f32
 
 
-def prepare_samples(calibration_set: CalibrationSet, artifact_dir: str | os.PathLike[str],
+def prepare_samples(calibration_set: CalibrationSet,
+                    artifact: Manifest | str | os.PathLike[str],
                     max_samples: int | None = None) -> list[PreparedSample]:
-    """Preprocess every sample with the artifact's own processor (tokenizer/ + processor.json)."""
+    """Preprocess every sample with the artifact's own processor (its listed tokenizer/ files +
+    processor.json; nothing unlisted is read)."""
     from molmo_runtime.processing import MolmoProcessor
 
-    processor = MolmoProcessor.from_pretrained(artifact_dir)
+    manifest = artifact if isinstance(artifact, Manifest) else load_manifest(artifact)
+    processor = MolmoProcessor.from_artifact(manifest)
     chosen = _take_balanced(calibration_set, max_samples)
     out = []
     for s in chosen:

@@ -6,7 +6,7 @@
 
 Everything is written into a staging folder and moved into place at the end
 (molmo_export.export.artifact_dir.ArtifactWriter), so an interrupted or failed run never leaves a
-folder that looks complete.
+folder that looks complete, and a failed quality gate leaves `out_dir` as it was.
 """
 
 from __future__ import annotations
@@ -72,17 +72,20 @@ def quantize_artifact(src_artifact_dir: str | os.PathLike[str], out_dir: str | o
     Raises QualityError (with the numbers) when the quantized model is below `thresholds`,
     unless allow_degraded (then it warns and writes the artifact, marked as degraded).
     """
+    from molmo_export.export.artifact_dir import OutputLock
+
     recipe = _recipe(target)
-    src = _fp32_manifest(src_artifact_dir)
-    cal_set = load_calibration_set(calibration_set)
-    step = _stepper(progress, log)
-    step(f"preprocessing calibration set {cal_set.name!r} ({len(cal_set.samples)} samples)")
-    samples = prepare_samples(cal_set, src.directory, max_samples)
-    record = cal_set.to_record(sum(s.split == "calibration" for s in samples))
-    return quantize_prepared(src, out_dir, recipe.target, samples, record,
-                             allow_degraded=allow_degraded, progress=progress,
-                             new_tokens=new_tokens, thresholds=thresholds, threads=threads,
-                             force=force, log=log)
+    with OutputLock(out_dir):  # one writer at a time, from the first step on
+        src = _fp32_manifest(src_artifact_dir)
+        cal_set = load_calibration_set(calibration_set)
+        step = _stepper(progress, log)
+        step(f"preprocessing calibration set {cal_set.name!r} ({len(cal_set.samples)} samples)")
+        samples = prepare_samples(cal_set, src, max_samples)
+        record = cal_set.to_record(sum(s.split == "calibration" for s in samples))
+        return quantize_prepared(src, out_dir, recipe.target, samples, record,
+                                 allow_degraded=allow_degraded, progress=progress,
+                                 new_tokens=new_tokens, thresholds=thresholds, threads=threads,
+                                 force=force, log=log)
 
 
 def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Target,
@@ -92,7 +95,7 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
                       thresholds: Thresholds = Thresholds(), threads: int | None = None,
                       force: bool = False, log: Log = print) -> QualityReport:
     """quantize_artifact on samples that are already preprocessed (tests, custom pipelines)."""
-    from molmo_export.export.artifact_dir import ArtifactWriter
+    from molmo_export.export.artifact_dir import WORK, ArtifactWriter
 
     recipe = _recipe(target)
     cal = [s for s in samples if s.split == "calibration"]
@@ -104,7 +107,8 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
         raise InputError(f"new_tokens must be at least 1, got {new_tokens}")
     step = _stepper(progress, log)
     writer = ArtifactWriter(out_dir, force=force)
-    scratch = Path(tempfile.mkdtemp(prefix=".molmo-calibration-", dir=writer.out))
+    (writer.out / WORK).mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="calibration-", dir=writer.out / WORK))
     try:
         job = _Job(src, recipe, writer.staging, scratch, threads, step)
         step(f"fp32 reference: {len(held)} held-out samples, {new_tokens} tokens each")
@@ -146,7 +150,7 @@ class _Job:
     def __post_init__(self) -> None:
         self.w8a8: dict[str, Path] = {}  # graph -> its W8A8 QDQ file, once made
         self.embed = np.load(self.src.path("embed_tokens.npy"), mmap_mode="r")
-        self.fp32_files = {name: self.src.path(g.file) for name, g in self.src.graphs.items()}
+        self.fp32_files = {name: self.src.graph_path(g) for name, g in self.src.graphs.items()}
         self.fp32 = self.runner(self.fp32_files)
 
     def runner(self, files: dict[str, Path]) -> GraphRunner:
@@ -276,7 +280,7 @@ def _recipe(target: str) -> TargetRecipe:
 
 
 def _fp32_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
-    src = load_manifest(src_dir, verify="size")
+    src = load_manifest(src_dir)  # sizes, and hashes of file states not seen before
     if src.target not in FP32_TARGETS or src.raw.get("quantization"):
         raise ArtifactError(
             f"{src.directory} is a {src.target!r} artifact; quantize an fp32 one "

@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,54 +50,77 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
                     force: bool = False, verify: bool = True, from_onnx: bool = False,
                     calibration_set: str | os.PathLike[str] = "default",
                     allow_degraded: bool = False, progress: bool = True,
-                    decoder: str = "auto", log: Callable[[str], None] = print) -> Path:
+                    keep_fp32: str | os.PathLike[str] | None = None,
+                    log: Callable[[str], None] = print,
+                    trt_options: Mapping[str, Any] | None = None,
+                    decoder: str = "auto") -> Path:
     """Export `model` (a checkpoint directory or a preset name such as "demo") for `target`.
 
-    Returns the artifact directory. See the README for what each target produces.
+    Returns the artifact directory. See the README for what each target produces. The output
+    folder is locked for the whole run (a second writer fails at once). A quantized target
+    builds its fp32 intermediate inside OUT's work area and removes it, or keeps it in
+    `keep_fp32` (a new or empty folder, or an artifact to replace); only `out` is written.
+    trt_options: keyword arguments of molmo_export.trt.build_engines (max_prompt_len,
+    workspace_gb, timing_cache, builder_optimization_level) for trt-* targets.
     decoder: "auto" gives the ort-* targets the decoder made for ONNX Runtime where the model
     allows it (docs/fused_decoder.md); "portable" keeps the plain-op decoder everywhere.
     """
+    from molmo_export.export.artifact_dir import WORK, OutputLock
+
     check_target(target)
     if decoder not in DECODER_CHOICES:
         raise MolmoError(f"--decoder {decoder!r}: choose one of {', '.join(DECODER_CHOICES)}")
     fused = decoder == "auto" and target in FUSED_TARGETS and not from_onnx
     out = Path(out)
-    if from_onnx:
-        if not target.startswith("trt-"):
-            raise MolmoError("--from-onnx builds TensorRT engines from an existing artifact; "
-                             "use it with --target trt-fp16 or trt-int8")
-    else:
-        from molmo_export.export.onnx_export import export_onnx_artifact
+    quantized = target in QUANTIZED_TARGETS
+    if keep_fp32 is not None and not quantized:
+        raise MolmoError(f"--keep-fp32 keeps the fp32 intermediate of a quantized target; "
+                         f"--target {target} has none")
+    if from_onnx and not target.startswith("trt-"):
+        raise MolmoError("--from-onnx builds TensorRT engines from an existing artifact; "
+                         "use it with --target trt-fp16 or trt-int8")
+    with OutputLock(out):
+        if not from_onnx:
+            from molmo_export.export.onnx_export import export_onnx_artifact
 
-        quantized = target in QUANTIZED_TARGETS
-        # Quantized targets start from an fp32 artifact written beside the final one.
-        fp32_out = out.with_name(out.name + "-fp32") if quantized else out
-        # a fused fp32 artifact is verified against PyTorch after the swap, below
-        export_onnx_artifact(model, fp32_out, target="onnx" if quantized else target,
-                             max_crops=max_crops, max_seq_len=max_seq_len, opset=opset,
-                             force=force, verify=verify and not (fused and not quantized),
-                             progress=progress, log=log)
-        if quantized:
-            from molmo_calibration import quantize_artifact
+            fp32_out = Path(keep_fp32) if keep_fp32 is not None else \
+                out / WORK / "fp32" if quantized else out
+            try:
+                # a fused fp32 artifact is verified against PyTorch after the swap, below
+                export_onnx_artifact(model, fp32_out, target="onnx" if quantized else target,
+                                     max_crops=max_crops, max_seq_len=max_seq_len, opset=opset,
+                                     force=force, verify=verify and not (fused and not quantized),
+                                     progress=progress, log=log)
+                if quantized:
+                    from molmo_calibration import quantize_artifact
 
-            quantize_artifact(fp32_out, out, target=QUANTIZED_TARGETS[target],
-                              calibration_set=calibration_set, allow_degraded=allow_degraded,
-                              progress=progress, force=force, log=log)
-        if fused:
-            from molmo_export.export.fused_artifact import fuse_decoder
-            from molmo_export.export.onnx_export import resolve_checkpoint
-            from molmo_export.export.tensor_source import CheckpointTensors
+                    quantize_artifact(fp32_out, out, target=QUANTIZED_TARGETS[target],
+                                      calibration_set=calibration_set,
+                                      allow_degraded=allow_degraded, progress=progress,
+                                      force=force, log=log)
+            finally:
+                if quantized and keep_fp32 is None:
+                    shutil.rmtree(out / WORK, ignore_errors=True)
+            if fused:
+                _fuse(model, out, verify and not quantized, log)
+        if target.startswith("trt-"):
+            from molmo_export.trt.builder import build_engines
 
-            manifest = fuse_decoder(out, CheckpointTensors(resolve_checkpoint(model)), log=log)
-            if verify and not quantized and manifest.decoder_flavour == "ort":
-                from molmo_export.verify import verify_artifact
-
-                verify_artifact(out, model, log=log)
-    if target.startswith("trt-"):
-        from molmo_export.trt.builder import build_engines
-
-        build_engines(out, target, progress=progress)
+            build_engines(out, target, progress=progress, **dict(trt_options or {}))
     return out
+
+
+def _fuse(model: str | os.PathLike[str], out: Path, verify: bool,
+          log: Callable[[str], None]) -> None:
+    from molmo_export.export.fused_artifact import fuse_decoder
+    from molmo_export.export.onnx_export import resolve_checkpoint
+    from molmo_export.export.tensor_source import CheckpointTensors
+
+    manifest = fuse_decoder(out, CheckpointTensors(resolve_checkpoint(model)), log=log)
+    if verify and manifest.decoder_flavour == "ort":
+        from molmo_export.verify import verify_artifact
+
+        verify_artifact(out, model, log=log)
 
 
 def export_environment() -> dict[str, Any]:

@@ -99,6 +99,20 @@ def _link_files(manifest: Manifest, staging: Path, skip: set[str]) -> None:
             shutil.copy2(manifest.path(rel), dest)
 
 
+def decoder_view(manifest: Manifest, path: Path, flavour: str) -> Manifest:
+    """`manifest` with only a decoder graph: the file `path` (and its external data beside
+    it), read as graph_io's `flavour`. For tools that run one decoder file through the
+    runtime's ORT backend (the check below, benchmarks) without copying it into an artifact."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    data = {e.value for t in model.graph.initializer for e in t.external_data
+            if e.key == "location"}
+    spec = {**decoder_spec(manifest.dims, flavour).to_dict(), "file": path.name}
+    return Manifest(path.parent, {**manifest.raw, "graphs": {DECODER: spec},
+                                  "files": {rel: {} for rel in (path.name, *sorted(data))},
+                                  "decoder_flavour": flavour})
+
+
 def compare_decoders(portable: Path, fused: Path, manifest: Manifest, precision: str,
                      threads: int = 2, seed: int = 0) -> dict[str, Any]:
     """Run both decoders on the same random inputs: a left-padded batch of 2 (prefill of 12
@@ -117,11 +131,8 @@ def compare_decoders(portable: Path, fused: Path, manifest: Manifest, precision:
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     logits = []
     for path, flavour in ((portable, "portable"), (fused, "ort")):
-        graphs = {**manifest.raw["graphs"],
-                  DECODER: {**decoder_spec(dims, flavour).to_dict(), "file": str(path)}}
-        m = Manifest(manifest.directory, {**manifest.raw, "graphs": graphs,
-                                          "decoder_flavour": flavour})
-        backend = OrtBackend(m, providers=["CPUExecutionProvider"], threads=threads,
+        backend = OrtBackend(decoder_view(manifest, path, flavour),
+                             providers=["CPUExecutionProvider"], threads=threads,
                              graphs=(DECODER,))
         backend.start(batch)
         out = [backend.decode(embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt])]

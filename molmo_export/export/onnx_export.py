@@ -121,13 +121,16 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
             "precision": {name: "fp32" for name in specs},
             "opset": opset or DEFAULT_OPSET,
             "dims": dims.to_dict(),
-            "graphs": {name: spec.to_dict() for name, spec in specs.items()},
+            "graphs": {name: _graph_entry(spec.to_dict(), writer.staged_files())
+                       for name, spec in specs.items()},
             "special_tokens": dict(vars(config.tokens)),
             "max_crops": max_crops,
             "max_seq_len": max_seq_len,
             "has_tokenizer": has_tokenizer,
             "environment": export_environment(),
         }
+        writer.stage_manifest(manifest)
+        manifest["verification"] = _verify_staged(writer.staging, ref, verify, log)
         writer.commit(manifest)
         steps.update()
     except BaseException:
@@ -135,8 +138,29 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
         raise
     finally:
         steps.close()
-    if verify:
-        from molmo_export.verify import verify_artifact
-
-        verify_artifact(out, ref, log=log)
+    if manifest["verification"]["passed"] is False:
+        raise MolmoError(f"{manifest['verification']['summary']}. The artifact was written to "
+                         f"{out} marked as failed: the runtime refuses it unless "
+                         "--allow-unverified / allow_unverified=True")
     return Path(out)
+
+
+def _graph_entry(spec: dict[str, Any], staged: list[str]) -> dict[str, Any]:
+    """A graph's manifest entry, listing its external data files (onnx/<graph>.onnx.data...)."""
+    external = [rel for rel in staged if rel.startswith(spec["file"] + ".")]
+    return {**spec, "external_data": external} if external else spec
+
+
+def _verify_staged(staging: Path, ref: MolmoForConditionalGeneration, verify: bool,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Verify the staged artifact against the reference before it is committed; the result
+    goes into the manifest (the runtime refuses an artifact whose verification failed)."""
+    if not verify:
+        return {"passed": None, "summary": "skipped (--no-verify)"}
+    from molmo_export.verify import verify_artifact
+
+    try:
+        results = verify_artifact(staging, ref, log=log)
+    except MolmoError as e:
+        return {"passed": False, "summary": str(e).split("\n")[0]}
+    return {"passed": True, "summary": f"{len(results)} checks passed"}

@@ -116,7 +116,9 @@ def generate(model: MolmoForConditionalGeneration, input_ids: torch.Tensor,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | None = None,
              seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """input_ids [B, T] (right-padded with -1) -> [B, T + N], N <= max_new_tokens.
+    """input_ids [B, T] (right-padded with -1) -> [B, T + N], N <= max_new_tokens: the prompt
+    and the new ids, as Hugging Face's generate. (The runtime's MolmoPipeline.generate_from_inputs
+    returns the new ids [B, N] only; docs/runtime.md puts the two side by side.)
 
     Greedy unless do_sample. Stops early once every row has produced eos_token_id; rows that
     finished earlier are filled with eos_token_id. Sampling draws from `generator`, or from a new

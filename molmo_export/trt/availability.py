@@ -21,7 +21,7 @@ def tensorrt_missing(probe: Callable[[], list[str]] = missing_for_tensorrt) -> l
 
 def require_tensorrt(target: str = "trt-fp16",
                      probe: Callable[[], list[str]] = missing_for_tensorrt) -> None:
-    """Raise MissingDependencyError (one line) unless TensorRT >= 10.3, cuda-python and a GPU exist."""
+    """Raise MissingDependencyError (one line) unless TensorRT 10.3 to 11.x, cuda-python and a GPU exist."""
     missing = probe()
     if missing:
         raise MissingDependencyError(missing_message(f"--target {target}", missing))

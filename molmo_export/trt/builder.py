@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from molmo_export.trt.availability import TRT_TARGETS, require_tensorrt
 from molmo_export.trt.build_record import make_build_record
+from molmo_export.trt.parser_lint import lint_version, require_parseable
 from molmo_export.trt.profiles import NamedProfile, ProfileSettings, apply_profiles, graph_profiles
 from molmo_runtime.errors import ArtifactError, InputError, MolmoError
 from molmo_runtime.fileio import atomic_open, sha256_file
@@ -60,6 +61,20 @@ class BuildSettings:
     fp32_residual: bool = True  # residual-stream Adds in fp32 (Qwen2's large activations)
     profiles: ProfileSettings = field(default_factory=ProfileSettings)
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings before any work (the CLI builds this from its flags)."""
+        if self.workspace_gb is not None and not 0 < self.workspace_gb <= 1024:
+            raise InputError(f"workspace_gb={self.workspace_gb}: need a size in GiB, > 0")
+        level = self.builder_optimization_level
+        if level is not None and level not in range(6):
+            raise InputError(f"builder_optimization_level={level}: TensorRT takes 0..5 "
+                             "(3 is its default; 5 searches longest)")
+        if self.timing_cache is not None:
+            cache = Path(self.timing_cache)
+            if cache.is_dir() or not cache.parent.is_dir():
+                raise InputError(f"timing cache {cache}: need a file path in an existing "
+                                 "folder (read when present, written after each build)")
 
     def record(self) -> dict[str, Any]:
         """As stored in the build record (JSON types)."""
@@ -235,6 +250,15 @@ def build_engines(
         timing_cache=Path(timing_cache) if timing_cache is not None else None,
         tactic_sources=tuple(tactic_sources) if tactic_sources is not None else None,
         profiles=ProfileSettings(max_batch=max_batch, max_prompt_len=max_prompt_len))
+    from molmo_export.export.artifact_dir import OutputLock
+
+    with OutputLock(artifact_dir):  # one writer at a time (re-entrant within an export)
+        return _build_locked(artifact_dir, target, settings, graphs, machine, say)
+
+
+def _build_locked(artifact_dir: str | os.PathLike[str], target: str, settings: BuildSettings,
+                  graphs: Sequence[str] | None, machine: MachineInfo | None,
+                  say: Callable[[str], None]) -> dict[str, Any]:
     manifest = load_manifest(artifact_dir, verify="full")
     specs = manifest.graphs
     wanted = list(graphs) if graphs is not None else list(specs)
@@ -243,6 +267,10 @@ def build_engines(
         raise InputError(f"unknown graph(s) {unknown}; the artifact has {list(specs)}")
     sources = source_graphs(manifest, target)
     machine = machine or collect_machine_info()
+    # Before any conversion: every source graph (QDQ ones for trt-int8) against this
+    # TensorRT's parser, failing with the nodes it would refuse.
+    parser = lint_version(machine.trt_version)
+    require_parseable({g: manifest.path(sources[g]) for g in wanted}, parser)
     directory = Path(artifact_dir)
     records: dict[str, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix=".trt-build-", dir=directory))
@@ -254,6 +282,7 @@ def build_engines(
             say(f"{name}: fp16 graph from {src}")
             report = fp16_onnx(manifest.path(src), tmp / f"{name}.onnx", spec,
                                settings.fp32_residual)
+            require_parseable({f"{name} (fp16)": tmp / f"{name}.onnx"}, parser)
             say(f"{name}: building the TensorRT engine "
                 f"({', '.join(p.name for p in profiles)} profile(s))")
             plan = tmp / f"{name}.plan"

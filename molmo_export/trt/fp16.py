@@ -130,7 +130,7 @@ class _Graph:
             for k, name in enumerate(n.input):
                 if name:
                     self.consumers[name].append((i, k))
-        self.types = _tensor_types(model, load)
+        self.types = tensor_types(model, load)
         self.klass = self._classify()
 
     def _classify(self) -> dict[str, str]:
@@ -157,7 +157,7 @@ class _Graph:
         return any(self.is_float(x) for x in (*n.input, *n.output) if x)
 
 
-def _tensor_types(model: onnx.ModelProto, load: ArrayLoader) -> dict[str, int]:
+def tensor_types(model: onnx.ModelProto, load: ArrayLoader) -> dict[str, int]:
     """Element type of every tensor, by ONNX shape inference.
 
     Inference needs the values of shape-like constants (Reshape shapes, Unsqueeze axes): those

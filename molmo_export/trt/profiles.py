@@ -55,6 +55,12 @@ class ProfileSettings:
     opt_prompt_len: int | None = None  # default: max_prompt_len
     opt_decode_total: int | None = None  # default: max_seq_len // 2
 
+    def __post_init__(self) -> None:
+        # The rest is checked against the manifest's dims (graph_ranges); this one is a CLI
+        # flag, refused before any export work.
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise InputError(f"max_prompt_len={self.max_prompt_len}: need >= 1")
+
 
 @dataclass(frozen=True)
 class NamedProfile:

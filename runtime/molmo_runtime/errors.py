@@ -23,6 +23,17 @@ class EngineMismatchError(ArtifactError):
     """A TensorRT engine was built for another TensorRT version, GPU or source graph."""
 
 
+def install_command(extra: str) -> str:
+    """The pip command that adds `extra` to this install. molmo-export is installed from a
+    checkout or a wheel (it is not on a package index), so name the checkout when we run from one."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]  # <checkout>/runtime/molmo_runtime/errors.py
+    if (root / "pyproject.toml").is_file() and (root / "molmo_export").is_dir():
+        return f"pip install '{root}[{extra}]'"
+    return f"pip install '<molmo-export checkout or wheel>[{extra}]'"
+
+
 def require(module: str, extra: str, what: str = "") -> object:
     """Import `module` lazily; if missing raise one line naming the extra to install."""
     import importlib
@@ -32,5 +43,5 @@ def require(module: str, extra: str, what: str = "") -> object:
     except ImportError as e:
         purpose = f" (needed for {what})" if what else ""
         raise MissingDependencyError(
-            f"{module} is not installed{purpose}: pip install 'molmo-export[{extra}]'"
+            f"{module} is not installed{purpose}: {install_command(extra)}"
         ) from e

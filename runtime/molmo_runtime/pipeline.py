@@ -3,16 +3,17 @@
     processor (numpy) ─► vision ─► connector ─► embeddings + image tokens (numpy)
       ─► decoder prefill ─► [sampler ─► decoder step]* ─► text, points
 
-One generation loop (`token_steps`) serves generate, stream and generate_from_inputs.
+One generation loop (`token_steps`) serves generate, stream and generate_from_inputs. Each call
+keeps its state to itself (see MolmoPipeline's docstring for the thread contract).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,8 +21,17 @@ import numpy as np
 from molmo_runtime.backends.base import Backend
 from molmo_runtime.embedding import EmbeddingTable, add_image_tokens
 from molmo_runtime.errors import InputError, MolmoError
+from molmo_runtime.input_checks import (
+    check_image_arrays,
+    check_input_ids,
+    check_int,
+    check_prompt,
+    check_stop,
+)
 from molmo_runtime.manifest import Manifest, VerifyMode, load_manifest
+from molmo_runtime.prefill import prefill
 from molmo_runtime.sampling import Sampler, SamplingParams
+from molmo_runtime.stop_strings import find_stop, safe_end
 
 BackendName = Literal["auto", "ort", "trt"]
 
@@ -95,83 +105,76 @@ def _open_backend(manifest: Manifest, backend: BackendName, providers: list[str]
 
 
 class MolmoPipeline:
+    """Image + prompt -> answer, with an artifact's backend. See docs/runtime.md.
+
+    Threads: one pipeline may serve several threads at once, and a thread may interleave several
+    `stream()`s. Every generation keeps its state (KV cache, sampler, timings, text) to itself
+    and returns it; the pipeline holds no per-generation state. With the ORT backend generations
+    run concurrently (ORT sessions serve concurrent runs; each generation has its own KV cache,
+    so N at once hold N caches); backends with a single cache (TensorRT) run them one at a time.
+    Preprocessing (the image processor reuses scratch buffers) is serialised by a lock.
+    Every answer equals the one the same call gives alone.
+    """
+
     def __init__(self, manifest: Manifest, backend: Backend, processor: Any | None) -> None:
         self.manifest = manifest
         self.backend = backend
         self.processor = processor
         self.embeddings = EmbeddingTable(manifest.path("embed_tokens.npy"))
         self.eos_id = int(manifest.special_tokens["eos"])
+        self._preprocess_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, artifact_dir: str | os.PathLike[str], backend: BackendName = "auto",
                  providers: list[str] | None = None, threads: int | None = None,
-                 verify: VerifyMode = "full") -> MolmoPipeline:
-        """Open an artifact. `verify` checks file hashes first ("size" is faster, "none" skips)."""
-        manifest = load_manifest(artifact_dir, verify=verify)
+                 verify: VerifyMode = "cached",
+                 allow_unverified: bool = False) -> MolmoPipeline:
+        """Open an artifact. `verify`: "cached" (default) checks sizes and hashes each file
+        state once (molmo_runtime.hash_cache), "full" re-hashes everything, "size" only sizes,
+        "none" skips. An artifact that failed its export verification is refused unless
+        `allow_unverified`."""
+        manifest = load_manifest(artifact_dir, verify=verify, allow_unverified=allow_unverified)
         processor = None
         if manifest.raw.get("has_tokenizer", True):
             from molmo_runtime.processing import MolmoProcessor
 
-            processor = MolmoProcessor.from_pretrained(Path(artifact_dir))
+            processor = MolmoProcessor.from_artifact(manifest)
         return cls(manifest, _open_backend(manifest, backend, providers, threads), processor)
 
     # -- public API ---------------------------------------------------------------------------
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 200,
                  temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, stop: list[str] | tuple[str, ...] = (),
+                 top_p: float | None = None, stop: Sequence[str] = (),
                  seed: int | None = None) -> GenerationResult:
-        pieces = self.stream(image, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed)
-        for _ in pieces:
+        """Answer `prompt` about `image` (a path, bytes, PIL image or uint8 array; None for a
+        text-only prompt). Returns the NEW text and token ids only (the prompt is not repeated;
+        the reference model's generate returns prompt + new ids, see docs/runtime.md).
+
+        temperature 0 is greedy (top_k, top_p and seed then have no effect); the answer ends at
+        EOS, at the first of the `stop` strings (cut before it) or after max_new_tokens.
+        Bad values raise InputError before any work.
+        """
+        stream = self.stream(image, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed)
+        for _ in stream:
             pass
-        return self.last_result
+        return stream.result
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 200,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               stop: list[str] | tuple[str, ...] = (), seed: int | None = None) -> Iterator[str]:
-        """Yield the answer's text as it is decoded; `last_result` holds the full result."""
+               stop: Sequence[str] = (), seed: int | None = None) -> TextStream:
+        """As generate, but yield the answer's text as it is decoded; the pieces join to exactly
+        `generate`'s text (text that could still turn into a stop string is held back until it
+        cannot). The returned TextStream's `.result` is the GenerationResult once it is
+        exhausted; closing it early (or dropping it) frees its KV cache."""
         if self.processor is None:
             raise MolmoError(f"{self.manifest.directory} has no tokenizer: use "
                              "generate_from_inputs with token ids")
-        timings = Timings()
-        clock = _Clock()
-        width = height = None
-        if image is not None:
-            from molmo_runtime.image_io import load_image
-
-            pixels = load_image(image)  # [H, W, 3] uint8
-            height, width = pixels.shape[:2]
-            inputs = self.processor(images=pixels, text=prompt)
-        else:
-            inputs = self.processor(text=prompt)
-        timings.preprocess_ms = clock.lap()
-        batch = {k: v[None] for k, v in inputs.items()}  # add the batch axis
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
-        ids: list[int] = []
-        sent, text, finish = "", "", "length"  # sent: the prefix of `text` already yielded
-        for step in self.token_steps(batch, max_new_tokens, sampler, timings):
-            token = int(step[0])
-            if token == self.eos_id:
-                finish = "eos"
-                break
-            ids.append(token)
-            text = self.processor.decode(ids)
-            cut = _find_stop(text, stop)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-                break
-            if not text.endswith("\ufffd"):  # else an incomplete UTF-8 sequence: wait
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield text[len(sent):]
-                sent = text
-        if text.startswith(sent) and len(text) > len(sent):
-            yield text[len(sent):]
-        points: list[Any] = []
-        if width is not None and height is not None:
-            from molmo_runtime.points import parse_points
-
-            points = parse_points(text, width, height)
-        self.last_result = GenerationResult(text, ids, points, timings, finish)
+        prompt = check_prompt(prompt)
+        stops = check_stop(stop)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        return TextStream(self._generation(image, prompt, max_new_tokens, params, stops))
 
     def generate_from_inputs(self, input_ids: np.ndarray, images: np.ndarray | None = None,
                              image_masks: np.ndarray | None = None,
@@ -180,14 +183,22 @@ class MolmoPipeline:
                              top_k: int | None = None, top_p: float | None = None,
                              seed: int | None = None, stop_at_eos: bool = True) -> np.ndarray:
         """Arrays already preprocessed, with a batch axis (right-padded with -1 as the official
-        processor batches them) -> generated ids [B, N]. Rows that end early are filled with EOS;
-        N < max_new_tokens when every row has ended."""
-        batch = {"input_ids": np.asarray(input_ids)}
-        if images is not None:
-            batch.update(images=images, image_masks=image_masks, image_input_idx=image_input_idx)
+        processor batches them) -> generated ids [B, N], the NEW tokens only (the reference
+        model's generate returns [B, T + N], prompt included). Rows that end early are filled
+        with EOS; N < max_new_tokens when every row has ended. Ids outside the vocabulary,
+        non-finite pixels and repeated image positions raise InputError."""
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        ids = check_input_ids(input_ids, int(self.embeddings.table.shape[0]))
+        batch = {"input_ids": ids}
+        if images is not None:
+            dims = self.manifest.dims
+            lengths = (ids != -1).sum(1)
+            batch["images"], batch["image_masks"], batch["image_input_idx"] = check_image_arrays(
+                images, image_masks, image_input_idx, ids.shape[0], lengths,
+                (dims.patches_per_crop, dims.patch_dim), self.manifest.max_crops)
         steps: list[np.ndarray] = []
-        done = np.zeros(batch["input_ids"].shape[0], bool)
+        done = np.zeros(ids.shape[0], bool)
         for step in self.token_steps(batch, max_new_tokens, sampler, Timings()):
             step = np.where(done, self.eos_id, step)
             steps.append(step)
@@ -196,6 +207,57 @@ class MolmoPipeline:
                 if done.all():
                     break
         return np.stack(steps, 1) if steps else np.zeros((len(done), 0), np.int64)
+
+    # -- one generation -----------------------------------------------------------------------
+
+    def _generation(self, image: Any, prompt: str, max_new_tokens: int, params: SamplingParams,
+                    stops: tuple[str, ...]) -> Generator[str, None, GenerationResult]:
+        """Yield the text pieces of one answer and return its GenerationResult. Everything it
+        changes is local: this is what makes the pipeline safe to share."""
+        assert self.processor is not None
+        timings = Timings()
+        clock = _Clock()
+        width = height = None
+        with self._preprocess_lock:
+            if image is not None:
+                from molmo_runtime.image_io import load_image
+
+                pixels = load_image(image)  # [H, W, 3] uint8
+                height, width = pixels.shape[:2]
+                inputs = self.processor(images=pixels, text=prompt)
+            else:
+                inputs = self.processor(text=prompt)
+        timings.preprocess_ms = clock.lap()
+        batch = {k: v[None] for k, v in inputs.items()}  # add the batch axis
+        sampler = Sampler(params)
+        ids: list[int] = []
+        text, finish = "", "length"
+        sent = 0  # characters of `text` already yielded
+        for step in self.token_steps(batch, max_new_tokens, sampler, timings):
+            token = int(step[0])
+            if token == self.eos_id:
+                finish = "eos"
+                break
+            ids.append(token)
+            text = self.processor.decode(ids)
+            cut = find_stop(text, stops)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            # The tokenizer's decode of a prefix of ids is a prefix of the full decode, except
+            # for trailing U+FFFD of an incomplete UTF-8 sequence: safe_end never passes those.
+            end = safe_end(text, stops)
+            if end > sent:
+                yield text[sent:end]
+                sent = end
+        if len(text) > sent:
+            yield text[sent:]
+        points: list[Any] = []
+        if width is not None and height is not None:
+            from molmo_runtime.points import parse_points
+
+            points = parse_points(text, width, height)
+        return GenerationResult(text, ids, points, timings, finish)
 
     # -- the generation loop ------------------------------------------------------------------
 
@@ -248,29 +310,57 @@ class MolmoPipeline:
         ids = np.asarray(batch["input_ids"])
         self._check_length(ids.shape[-1], max_new_tokens)
         clock = _Clock()
-        embeds, mask, positions = self._prefill_inputs(batch, timings, clock)
-        batch_size, seq = mask.shape
-        timings.prompt_tokens = seq
-        # Preallocated mask for the whole generation: decode slices it, never regrows it.
-        full_mask = np.ones((batch_size, seq + max_new_tokens), np.int64)
-        full_mask[:, :seq] = mask
-        self.backend.start(batch_size)
-        logits = self.backend.decode(embeds, mask, positions)
-        timings.prefill_ms = clock.lap()
-        next_pos = positions[:, -1:] + 1  # [B, 1]
-        for i in range(max_new_tokens):
-            token = sampler(logits)
-            yield token
-            if i + 1 == max_new_tokens:
-                break
-            clock.lap()
-            step_embeds = self.embeddings(token[:, None])  # [B, 1, D]
-            total = seq + i + 1
-            logits = self.backend.decode(step_embeds, full_mask[:, :total], next_pos)
-            next_pos = next_pos + 1
-            timings.decode_ms.append(clock.lap())
+        # This generation's own KV cache, opened first: a single-cache backend is then held for
+        # the vision and connector runs too. Closed when the loop ends or is abandoned.
+        with self.backend.new_state(ids.shape[0]) as state:
+            embeds, mask, positions = self._prefill_inputs(batch, timings, clock)
+            batch_size, seq = mask.shape
+            timings.prompt_tokens = seq
+            # Preallocated mask for the whole generation: decode slices it, never regrows it.
+            full_mask = np.ones((batch_size, seq + max_new_tokens), np.int64)
+            full_mask[:, :seq] = mask
+            logits = prefill(state, embeds, mask, positions,  # chunked when too long
+                             self.backend.max_prefill_tokens)
+            timings.prefill_ms = clock.lap()
+            next_pos = positions[:, -1:] + 1  # [B, 1]
+            for i in range(max_new_tokens):
+                token = sampler(logits)
+                yield token
+                if i + 1 == max_new_tokens:
+                    break
+                clock.lap()
+                step_embeds = self.embeddings(token[:, None])  # [B, 1, D]
+                total = seq + i + 1
+                logits = state.decode(step_embeds, full_mask[:, :total], next_pos)
+                next_pos = next_pos + 1
+                timings.decode_ms.append(clock.lap())
 
 
-def _find_stop(text: str, stop: list[str] | tuple[str, ...]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return min(hits) if hits else None
+class TextStream(Iterator[str]):
+    """The text pieces of one generation (MolmoPipeline.stream); `result` once exhausted."""
+
+    def __init__(self, generation: Generator[str, None, GenerationResult]) -> None:
+        self._generation = generation
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._generation)
+        except StopIteration as end:
+            if end.value is not None:  # the generation's return; later next() calls carry None
+                self._result = end.value
+            raise
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            raise MolmoError("the stream has not finished: iterate it to the end before "
+                             "reading .result")
+        return self._result
+
+    def close(self) -> None:
+        """Stop generating and free the KV cache (also done when the stream is dropped)."""
+        self._generation.close()

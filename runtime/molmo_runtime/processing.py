@@ -33,6 +33,7 @@ from molmo_runtime.errors import ArtifactError, InputError
 from molmo_runtime.fileio import atomic_open, write_json_atomic
 from molmo_runtime.image_io import ImageSource
 from molmo_runtime.image_processing import CropPlan, ImageTokenIds, MolmoImageProcessor
+from molmo_runtime.manifest import Manifest
 
 IMAGE_SPECIAL_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
 PROCESSOR_JSON = "processor.json"
@@ -124,15 +125,22 @@ class MolmoTokenizer:
     # --- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike[str]) -> MolmoTokenizer:
+    def from_dir(cls, directory: str | os.PathLike[str],
+                 listed: frozenset[str] | None = None) -> MolmoTokenizer:
         """Load from a directory with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``
-        (+ ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``)."""
+        (+ ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json``).
+
+        ``listed``: the only file names that may be read (an artifact's manifest lists them);
+        any other file in the directory is treated as absent and never opened."""
         d = Path(directory)
-        config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() \
-            else {}
+
+        def has(name: str) -> bool:
+            return (listed is None or name in listed) and (d / name).is_file()
+
+        config = _read_json(d / "tokenizer_config.json") if has("tokenizer_config.json") else {}
         special_map = _read_json(d / "special_tokens_map.json") \
-            if (d / "special_tokens_map.json").is_file() else {}
-        if (d / "tokenizer.json").is_file():
+            if has("special_tokens_map.json") else {}
+        if has("tokenizer.json"):
             from tokenizers import Tokenizer
 
             try:
@@ -140,13 +148,14 @@ class MolmoTokenizer:
             except Exception as e:
                 raise ArtifactError(f"{d / 'tokenizer.json'}: cannot load ({e}); re-copy it from "
                                     "the checkpoint") from e
-        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        elif has("vocab.json") and has("merges.txt"):
             tok = _bpe_from_vocab_merges(d, config)
         else:
             raise TokenizerNotFoundError(
                 f"{d}: no tokenizer found (expected tokenizer.json, or vocab.json + merges.txt); "
                 "pass a checkpoint dir, an artifact dir or a tokenizer dir")
-        _add_missing_tokens(tok, _added_tokens(d, config, special_map))
+        added_json = _read_json(d / "added_tokens.json") if has("added_tokens.json") else {}
+        _add_missing_tokens(tok, _added_tokens(added_json, config, special_map))
         eos = _token_content(config.get("eos_token")) or _token_content(
             special_map.get("eos_token"))
         if eos is None:
@@ -192,7 +201,7 @@ class MolmoTokenizer:
         write_json_atomic(d / "special_tokens_map.json", special_map)
 
 
-def _added_tokens(d: Path, config: dict[str, Any],
+def _added_tokens(added_json: Any, config: dict[str, Any],
                   special_map: dict[str, Any]) -> list[tuple[int, str, bool, dict[str, Any]]]:
     """(id, content, special, flags) of every added token declared beside the vocabulary."""
     out: dict[int, tuple[int, str, bool, dict[str, Any]]] = {}
@@ -203,11 +212,11 @@ def _added_tokens(d: Path, config: dict[str, Any],
             if content is None:
                 continue
             out[int(key)] = (int(key), content, bool(entry.get("special", True)), entry)
-    if (d / "added_tokens.json").is_file():
+    if isinstance(added_json, dict) and added_json:
         declared_special = {c for v in special_map.values()
                             for c in ([_token_content(x) for x in v] if isinstance(v, list)
                                       else [_token_content(v)]) if c}
-        for content, token_id in _read_json(d / "added_tokens.json").items():
+        for content, token_id in added_json.items():
             if int(token_id) not in out:
                 special = content in declared_special or content in IMAGE_SPECIAL_TOKENS
                 out[int(token_id)] = (int(token_id), content, special, {})
@@ -334,16 +343,39 @@ class MolmoProcessor:
             raise InputError(f"{d}: not a directory; pass a checkpoint, artifact or tokenizer dir")
         tok_dir = d / TOKENIZER_DIR if (d / TOKENIZER_DIR).is_dir() else d
         tokenizer = MolmoTokenizer.from_dir(tok_dir)
+        stored = _read_json(d / PROCESSOR_JSON) if (d / PROCESSOR_JSON).is_file() else None
+        hub = _read_json(d / HUB_PREPROCESSOR_JSON) \
+            if stored is None and (d / HUB_PREPROCESSOR_JSON).is_file() else None
+        return cls._assemble(tokenizer, stored, hub, max_crops, resize_method)
+
+    @classmethod
+    def from_artifact(cls, manifest: Manifest, *, max_crops: int | None = None,
+                      resize_method: str | None = None) -> MolmoProcessor:
+        """Load from an opened artifact, reading only the files its manifest lists
+        (``tokenizer/*`` and ``processor.json``); an unlisted file there is never opened."""
+        listed = manifest.listed_under(TOKENIZER_DIR)
+        for name in listed:
+            manifest.path(f"{TOKENIZER_DIR}/{name}")  # resolves inside the artifact, or refuses
+        tokenizer = MolmoTokenizer.from_dir(manifest.directory / TOKENIZER_DIR, listed=listed)
+        stored = _read_json(manifest.path(PROCESSOR_JSON))
+        return cls._assemble(tokenizer, stored, None, max_crops, resize_method)
+
+    @classmethod
+    def _assemble(cls, tokenizer: MolmoTokenizer, stored: Any, hub: Any,
+                  max_crops: int | None, resize_method: str | None) -> MolmoProcessor:
+        """stored: processor.json as read (or None); hub: a checkpoint's
+        preprocessor_config.json (or None)."""
         settings: dict[str, Any] = {}
         prompt: dict[str, Any] = {}
-        if (d / PROCESSOR_JSON).is_file():
-            stored = _read_json(d / PROCESSOR_JSON)
+        if stored is not None:
+            if not isinstance(stored, dict):
+                raise ArtifactError(f"{PROCESSOR_JSON} is not a JSON object; re-export")
             settings = dict(stored.get("image_processor", stored))
             prompt = dict(stored.get("prompt", {}))
-        elif (d / HUB_PREPROCESSOR_JSON).is_file():
-            settings = _read_json(d / HUB_PREPROCESSOR_JSON)
+        elif isinstance(hub, dict):
+            settings = hub
         with warnings.catch_warnings():
-            if not (d / PROCESSOR_JSON).is_file():  # hub files carry unrelated keys
+            if stored is None:  # hub files carry unrelated keys
                 warnings.simplefilter("ignore")
             image_processor = MolmoImageProcessor.from_dict(
                 settings, max_crops=max_crops, resize_method=resize_method)

@@ -6,21 +6,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from molmo_runtime.input_checks import check_float, check_int
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    """temperature 0 is greedy, and then top_k, top_p and seed have no effect. Bad values
+    (NaN, negative temperature or seed, top_k < 1, top_p outside (0, 1], bools, strings) raise
+    InputError."""
+
+    temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_float("temperature", self.temperature, 0.0)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0)
 
 
 class Sampler:

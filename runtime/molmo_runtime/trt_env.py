@@ -20,7 +20,14 @@ from typing import Any
 
 from molmo_runtime.errors import EngineMismatchError
 
-MIN_TENSORRT = (10, 3)  # JetPack 6.1/6.2 ships 10.3; strongly typed networks + enqueueV3 I/O API
+# Supported TensorRT: MIN_TENSORRT <= version < MAX_TENSORRT (major.minor).
+#   10.3: JetPack 6.1/6.2 ships it; it has everything we call (strongly typed networks, the
+#         name-based enqueueV3 I/O API, device_memory_size_v2 and set_device_memory from 10.1).
+#   < 12: 11.x is the newest major whose migration guide (removed APIs) we have checked our
+#         calls against (docs/tensorrt.md, "Names per version"); a 12 may remove more, so it
+#         is refused until someone checks it, rather than failing mid-build.
+MIN_TENSORRT = (10, 3)
+MAX_TENSORRT = (12, 0)
 L4T_RELEASE_FILE = Path("/etc/nv_tegra_release")
 REBUILD_HINT = "rebuild on this device: molmo-export --target {target} --from-onnx --out {out}"
 GETTING_TENSORRT = ("pip install 'molmo-export[trt]' on x86-64 Linux with an NVIDIA driver; "
@@ -115,19 +122,28 @@ def missing_for_tensorrt(
     version = trt_version()
     if version is None:
         missing.append("no tensorrt module")
-    elif parse_version(version)[:2] < MIN_TENSORRT:
-        need = ".".join(map(str, MIN_TENSORRT))
-        missing.append(f"tensorrt {version} (need >= {need})")
+    elif not supported_tensorrt(version):
+        missing.append(f"tensorrt {version} (need {supported_range()})")
     reason = gpu_reason()
     if reason:
         missing.append(reason)
     return missing
 
 
+def supported_tensorrt(version: str) -> bool:
+    """Whether a tensorrt.__version__ is in the supported range [MIN_TENSORRT, MAX_TENSORRT)."""
+    v = parse_version(version)[:2]
+    return len(v) == 2 and MIN_TENSORRT <= v < MAX_TENSORRT
+
+
+def supported_range() -> str:
+    lo, hi = (".".join(map(str, v)) for v in (MIN_TENSORRT, MAX_TENSORRT))
+    return f">= {lo}, < {hi}"
+
+
 def missing_message(what: str, missing: list[str]) -> str:
     """One line: what needs what, how to get it, and what this machine lacks."""
-    need = ".".join(map(str, MIN_TENSORRT))
-    return (f"{what} needs an NVIDIA GPU with TensorRT >= {need} and cuda-python "
+    return (f"{what} needs an NVIDIA GPU with TensorRT {supported_range()} and cuda-python "
             f"({GETTING_TENSORRT}); this machine has " + ", ".join(missing))
 
 

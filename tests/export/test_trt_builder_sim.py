@@ -201,3 +201,47 @@ def test_converted_graph_is_valid_onnx(monkeypatch: pytest.MonkeyPatch, art: Pat
     build_engines(art, "trt-fp16", machine=fake_trt.MACHINE)
     for build in fake_trt.Builder.log:
         onnx.checker.check_model(build["model"], full_check=True)
+
+
+def test_cli_build_settings_reach_the_build_record(monkeypatch: pytest.MonkeyPatch, art: Path,
+                                                   tmp_path: Path) -> None:
+    import molmo_export.trt.availability as availability
+    import molmo_export.trt.builder as builder
+    from molmo_export.cli import main_export
+
+    fake_trt.install(monkeypatch)
+    monkeypatch.setattr(availability, "require_tensorrt", lambda target="trt-fp16": None)
+    monkeypatch.setattr(builder, "collect_machine_info", lambda: fake_trt.MACHINE)
+    cache = tmp_path / "timing.cache"
+    rc = main_export(["--target", "trt-fp16", "--from-onnx", "--out", str(art), "--no-progress",
+                      "--max-prompt-len", "16", "--workspace-gb", "1.5",
+                      "--timing-cache", str(cache), "--builder-optimization-level", "4"])
+    assert rc == 0
+    m = load_manifest(art)
+    for rec in m.raw["engines"].values():
+        flags = rec["flags"]
+        assert flags["workspace_gb"] == 1.5 and flags["builder_optimization_level"] == 4
+        assert flags["timing_cache"] == str(cache) and flags["profiles"]["max_prompt_len"] == 16
+    decoder = m.raw["engines"]["decoder"]["profiles"][0]
+    assert decoder["name"] == "prefill" and decoder["shapes"]["inputs_embeds"][2][1] == 16
+    assert cache.is_file()
+    assert all(b["opt_level"] == 4 for b in fake_trt.Builder.log)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--target", "ort-fp32", "--max-prompt-len", "16"],
+     "--max-prompt-len apply to TensorRT targets only"),
+    (["--target", "trt-fp16", "--builder-optimization-level", "7"], "takes 0..5"),
+    (["--target", "trt-int8", "--workspace-gb", "0"], "workspace_gb=0.0"),
+    (["--target", "trt-fp16", "--max-prompt-len", "0"], "max_prompt_len=0"),
+    (["--target", "trt-fp16", "--timing-cache", "{tmp}/absent/t.cache"], "existing folder"),
+])
+def test_cli_refuses_bad_build_settings_before_any_work(
+        argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from molmo_export.cli import main_export
+
+    out = tmp_path / "out"
+    rc = main_export([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(out)])
+    assert rc == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()

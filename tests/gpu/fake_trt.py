@@ -5,10 +5,20 @@ by onnxruntime, and "device memory" is host bytes addressed by fake pointers. Wh
 everything around the engine that our code does: the builder's calls and profiles, plan files
 and build records, and the runner's buffer sizes, bindings by address, profile selection (a
 shape outside the context's profile is rejected, as TensorRT does), KV-cache appends by pitched
-copies, mask uploads, and CUDA-graph capture/replay (a captured run replays with the shapes and
-addresses bound at capture time, reading memory at replay time).
+copies, mask uploads, and CUDA-graph capture/replay.
 
-API names mirror TensorRT 10 (checked by mypy against the real stubs in our code, not here).
+CUDA graphs: a captured TensorRT run reads its context's state (profile, input shapes, tensor
+addresses) when the graph is launched, while its kernels were chosen for the state at capture
+(TensorRT-Edge-LLM re-binds its context before every replay for this reason). So a replay here
+computes from the context's state at launch and fails loudly if that state is not the one
+captured: a runner that replays without re-binding is caught.
+
+Every call our code makes on an execution context is counted (FakeCuda.trt_calls), so tests can
+state the TensorRT calls per decoded token.
+
+API names mirror TensorRT `version` (make_module): from 11.0 the names TensorRT 11 removed
+(ICudaEngine.device_memory_size, IExecutionContext.device_memory) raise AttributeError, so code
+that so much as reads one fails (the real stubs check the rest, via mypy).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import bisect
 import importlib.machinery
 import json
 import types
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +60,7 @@ class FakeCuda:
         self.launches = 0
         self.htod_bytes = 0
         self.freed: list[int] = []
+        self.trt_calls: Counter[str] = Counter()  # execution-context method -> calls
 
     # memory
     def malloc(self, nbytes: int) -> int:
@@ -299,8 +311,14 @@ class FakeEngine:
         self.dim_params = {v.name: [d.dim_param or d.dim_value
                                     for d in v.type.tensor_type.shape.dim]
                            for v in (*self.model.graph.input, *self.model.graph.output)}
-        self.device_memory_size = 4096
+        self.major = int(_VERSION[0].split(".")[0])
         self.device_memory_size_v2 = 4096
+
+    @property
+    def device_memory_size(self) -> int:
+        if self.major >= 11:
+            raise AttributeError("ICudaEngine.device_memory_size was removed in TensorRT 11")
+        return self.device_memory_size_v2
 
     @property
     def num_io_tensors(self) -> int:
@@ -333,18 +351,34 @@ class FakeContext:
         self.profile = 0
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
-        self.device_memory: int | None = None if user_memory else -1
+        self.memory: int | None = None if user_memory else -1
         self.runs = 0
 
+    def _count(self, call: str) -> None:
+        self.engine.cuda.trt_calls[call] += 1
+
+    @property
+    def device_memory(self) -> int:
+        raise AttributeError("IExecutionContext.device_memory is write-only")
+
+    @device_memory.setter
+    def device_memory(self, ptr: int) -> None:  # deprecated in 10.1, removed in 11
+        if self.engine.major >= 11:
+            raise AttributeError("IExecutionContext.device_memory was removed in TensorRT 11")
+        self.memory = ptr
+
     def set_optimization_profile_async(self, p: int, stream: int) -> bool:
+        self._count("set_optimization_profile_async")
         self.profile = p
         return True
 
     def set_device_memory(self, ptr: int, size: int) -> None:
-        assert size >= self.engine.device_memory_size
-        self.device_memory = ptr
+        self._count("set_device_memory")
+        assert size >= self.engine.device_memory_size_v2
+        self.memory = ptr
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self._count("set_input_shape")
         lo, _, hi = self.engine.profiles[self.profile][name]
         ok = len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
         if ok:
@@ -352,6 +386,7 @@ class FakeContext:
         return ok
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self._count("set_tensor_address")
         self.addresses[name] = ptr
         return True
 
@@ -364,30 +399,46 @@ class FakeContext:
         return sizes
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        self._count("get_tensor_shape")
         if name in self.shapes:
             return self.shapes[name]
         sizes = self._sizes(self.shapes)
         return tuple(sizes[d] if isinstance(d, str) else d for d in self.engine.dim_params[name])
 
-    def execute_async_v3(self, stream: int) -> bool:
-        assert self.device_memory is not None, "USER_MANAGED context without device memory"
+    def state(self) -> tuple[int, dict[str, tuple[int, ...]], dict[str, int]]:
+        return self.profile, dict(self.shapes), dict(self.addresses)
+
+    def _run(self) -> None:
+        """One engine run on the state bound now, reading and writing device memory."""
         e = self.engine
         inputs = [x for x in e.io if x[1]]
+        outputs = [n for n, is_in, _ in e.io if not is_in]
         assert all(n in self.shapes and n in self.addresses for n, _, _ in inputs), \
             "every input needs a shape and an address"
-        shapes, addresses = dict(self.shapes), dict(self.addresses)  # as bound now
+        assert all(n in self.addresses for n in outputs), "every output needs an address"
+        feeds = {n: e.cuda.read(self.addresses[n], self.shapes[n], _TRT_TO_NP[t])
+                 for n, _, t in inputs}
+        for n, value in zip(outputs, e.session.run(outputs, feeds)):
+            e.cuda.write(self.addresses[n], np.asarray(value))
+        self.runs += 1
 
-        def run() -> None:
-            feeds = {n: e.cuda.read(addresses[n], shapes[n], _TRT_TO_NP[t]) for n, _, t in inputs}
-            names = [n for n, is_in, _ in e.io if not is_in]
-            for n, value in zip(names, e.session.run(names, feeds)):
-                e.cuda.write(addresses[n], np.asarray(value))
-            self.runs += 1
+    def execute_async_v3(self, stream: int) -> bool:
+        self._count("execute_async_v3")
+        assert self.memory is not None, "USER_MANAGED context without device memory"
+        if self.engine.cuda.capturing is None:
+            self._run()
+            return True
+        captured = self.state()
 
-        if e.cuda.capturing is not None:
-            e.cuda.capturing.append(run)
-        else:
-            run()
+        def replay() -> None:
+            now = self.state()
+            assert now == captured, (
+                "CUDA graph replayed on a context whose state changed since capture: "
+                f"captured profile/shapes {captured[:2]}, now {now[:2]}"
+                + ("" if now[2] == captured[2] else "; addresses differ"))
+            self._run()
+
+        self.engine.cuda.capturing.append(replay)
         return True
 
 
@@ -400,6 +451,7 @@ class Runtime:
 
 
 _CUDA: list[FakeCuda] = []
+_VERSION: list[str] = ["10.3.0.30"]
 TensorIOMode = _enum("NONE", "INPUT", "OUTPUT")
 DataType = _enum("FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "FP8", "BF16", "INT64")
 ExecutionContextAllocationStrategy = _enum("STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED")
@@ -415,6 +467,7 @@ def Dims(shape: list[int]) -> tuple[int, ...]:  # noqa: N802 (TensorRT's name)
 def make_module(cuda: FakeCuda, version: str = "10.3.0.30") -> types.ModuleType:
     """A module object to put in sys.modules["tensorrt"]."""
     _CUDA[:] = [cuda]
+    _VERSION[:] = [version]
     Builder.log = []
     m = types.ModuleType("tensorrt")
     m.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec() callers (dynamo)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from molmo_runtime.errors import InputError
 from molmo_runtime.sampling import Sampler, SamplingParams
 
 
@@ -35,8 +36,16 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
     assert set(ids.tolist()) == {0}  # the top token always stays
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0),
-                                    dict(top_p=1.5)])
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+    dict(temperature=None), dict(temperature=True), dict(top_k=0), dict(top_k=3.0),
+    dict(top_k=False), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")),
+    dict(seed=-1), dict(seed=1.5), dict(seed="7")])
 def test_bad_params_are_refused(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_good_edge_values_are_accepted() -> None:
+    SamplingParams(temperature=0, top_k=np.int64(1), top_p=1, seed=np.uint32(0))
+    SamplingParams(temperature=np.float32(0.5), top_p=1e-9, seed=2**70)

@@ -16,6 +16,7 @@ from molmo_runtime.trt_env import (
     parse_version,
     read_l4t_release,
     require_matching_engines,
+    supported_tensorrt,
     tensorrt_version,
 )
 
@@ -97,12 +98,32 @@ def test_missing_probe_names_everything_missing() -> None:
     assert missing_for_tensorrt(lambda: "10.3.0.30", lambda: "") == []
     assert missing_for_tensorrt(lambda: None, lambda: "no CUDA GPU") == [
         "no tensorrt module", "no CUDA GPU"]
-    assert missing_for_tensorrt(lambda: "8.6.1", lambda: "") == ["tensorrt 8.6.1 (need >= 10.3)"]
+    assert missing_for_tensorrt(lambda: "8.6.1", lambda: "") == [
+        "tensorrt 8.6.1 (need >= 10.3, < 12.0)"]
     msg = missing_message("--target trt-fp16", ["no tensorrt module", "no CUDA GPU"])
     assert "\n" not in msg
-    assert msg.startswith("--target trt-fp16 needs an NVIDIA GPU with TensorRT >= 10.3")
+    assert msg.startswith("--target trt-fp16 needs an NVIDIA GPU with TensorRT >= 10.3, < 12.0")
     assert "pip install 'molmo-export[trt]'" in msg and "JetPack 6" in msg
     assert msg.endswith("this machine has no tensorrt module, no CUDA GPU")
+
+
+@pytest.mark.parametrize("version, ok", [
+    ("10.2.0.19", False),  # before JetPack 6.1's TensorRT: set_device_memory etc. exist, but
+                           # nothing older than what we test against is claimed
+    ("10.3.0.30", True),   # JetPack 6.1/6.2
+    ("10.13.3.9", True),
+    ("10.16.1.11", True),
+    ("11.0.0.114", True),
+    ("11.4.0.106", True),  # newest on PyPI when this range was set
+    ("12.0.0.1", False),   # a major whose removals nobody has checked against our calls
+    ("9.3.0.1", False),
+    ("", False),
+    ("abc", False),
+])
+def test_supported_range(version: str, ok: bool) -> None:
+    assert supported_tensorrt(version) is ok
+    missing = missing_for_tensorrt(lambda: version, lambda: "")
+    assert missing == ([] if ok else [f"tensorrt {version} (need >= 10.3, < 12.0)"])
 
 
 @pytest.mark.skipif(tensorrt_version() is not None, reason="tensorrt is installed here")

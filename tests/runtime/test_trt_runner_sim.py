@@ -204,4 +204,124 @@ def test_without_tensorrt_the_backend_says_what_is_missing(tmp_path: Path) -> No
     art = write_tiny_artifact(tmp_path / "art", DIMS)
     with pytest.raises(MissingDependencyError) as e:
         TrtBackend(load_manifest(art))
-    assert "\n" not in str(e.value) and "TensorRT >= 10.3" in str(e.value)
+    assert "\n" not in str(e.value) and "TensorRT >= 10.3, < 12.0" in str(e.value)
+
+
+# -- CUDA graphs replayed out of order, binding once, TensorRT 11 names, chunked prefill -----------
+
+def test_fake_graph_replay_needs_the_captured_state(sim: tuple[fake_trt.FakeCuda, Path]) -> None:
+    """The fake's contract that the runner must honour: a replay reads its context's state at
+    launch, and that state must be the captured one."""
+    cuda, art = sim
+    b = backend(art)
+    b.start(1)
+    embeds, mask, positions = _inputs(1, 4, [0])
+    b.decode(embeds[:, :1], mask[:, :1], positions[:, :1])  # binds the decode context
+    runner = b._decoder
+    profile = len(runner.profiles) - 1
+    ctx = runner.contexts[profile]
+    runner.bindings[profile].shape("attention_mask", (1, 2))
+    step = b._capture(profile)
+    cuda.graph_launch(step.graph_exec, 7)  # same state: fine
+    runner.bindings[profile].shape("attention_mask", (1, 3))  # another bucket re-binds it
+    with pytest.raises(AssertionError, match="state changed since capture"):
+        cuda.graph_launch(step.graph_exec, 7)
+    assert ctx.shapes["attention_mask"] == (1, 3)
+
+
+def test_cuda_graph_buckets_replayed_out_of_order(sim: tuple[fake_trt.FakeCuda, Path]) -> None:
+    """A long generation captures buckets 8, 16, 24; a short one then replays bucket 8 while
+    the decode context is still bound to bucket 24: the runner must re-bind before replaying."""
+    cuda, art = sim
+    eager, graphed = backend(art), backend(art, cuda_graph=True, graph_bucket=8)
+    long_in, short_in = _inputs(1, 22, [0], seed=4), _inputs(1, 10, [1], seed=5)
+    for inputs, prompt in ((long_in, 5), (short_in, 3), (long_in, 12), (short_in, 6)):
+        want = _generate(eager, *inputs, prompt=prompt)
+        got = _generate(graphed, *inputs, prompt=prompt)
+        for e, g in zip(want, got):
+            assert rel_err(g, e.astype(np.float64)) < 1e-3
+    assert len(cuda.graphs) == 3  # captured once per bucket, replayed across generations
+    assert cuda.launches > 0
+
+
+def _delta(cuda: fake_trt.FakeCuda, before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in cuda.trt_calls.items() if v != before.get(k, 0)}
+
+
+def test_decode_makes_two_tensorrt_calls_per_token(sim: tuple[fake_trt.FakeCuda, Path]) -> None:
+    """Addresses are bound once per context; a decode step changes one shape and runs: 2 calls
+    whatever the layer count (was 3 + 4 * num_layers bindings + the run)."""
+    cuda, art = sim
+    b = backend(art)
+    embeds, mask, positions = _inputs(1, 14, [0])
+    b.start(1)
+    before = dict(cuda.trt_calls)
+    b.decode(embeds[:, :8], mask[:, :8], positions[:, :8])
+    tensors = 4 + 4 * DIMS.num_layers  # 3 inputs + logits, past K/V + present K/V per layer
+    assert _delta(cuda, before)["set_tensor_address"] == tensors  # the prefill context
+    for t in range(8, 14):
+        before = dict(cuda.trt_calls)
+        b.decode(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1])
+        if t == 8:  # the first step on the decode context binds it, once
+            assert _delta(cuda, before) == {"set_tensor_address": tensors, "execute_async_v3": 1,
+                                            "set_input_shape": 3 + 2 * DIMS.num_layers}
+        else:
+            assert _delta(cuda, before) == {"set_input_shape": 1, "execute_async_v3": 1}, t
+    # A new generation of the same batch size re-binds nothing but shapes.
+    before = dict(cuda.trt_calls)
+    _generate(b, embeds, mask, positions, prompt=8)
+    assert "set_tensor_address" not in _delta(cuda, before)
+
+
+def test_graph_replay_makes_no_tensorrt_call(sim: tuple[fake_trt.FakeCuda, Path]) -> None:
+    cuda, art = sim
+    b = backend(art, cuda_graph=True, graph_bucket=8)
+    embeds, mask, positions = _inputs(1, 16, [0])
+    b.start(1)
+    b.decode(embeds[:, :4], mask[:, :4], positions[:, :4])
+    per_step = []
+    for t in range(4, 16):
+        before, launches = dict(cuda.trt_calls), cuda.launches
+        b.decode(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1])
+        per_step.append((_delta(cuda, before), cuda.launches - launches))
+    # total 5: first step in bucket 8 (binds the decode context, runs, captures);
+    # totals 6..8: replays; total 9: bucket 16 (one new shape, run, capture); then replays.
+    assert per_step[0][0]["execute_async_v3"] == 2 and per_step[0][1] == 0
+    for calls, launches in per_step[1:4] + per_step[5:]:
+        assert calls == {} and launches == 1
+    assert per_step[4] == ({"set_input_shape": 1, "execute_async_v3": 2}, 0)
+
+
+@pytest.mark.parametrize("version", ["10.3.0.30", "10.16.1.11", "11.4.0.106"])
+def test_runs_on_each_supported_tensorrt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                         version: str) -> None:
+    """From 11.0 the fake raises on the names TensorRT 11 removed (device_memory_size,
+    IExecutionContext.device_memory): build and run must not so much as read them."""
+    fake_trt.install(monkeypatch, version)
+    machine = MachineInfo(**{**fake_trt.MACHINE.to_dict(), "trt_version": version})
+    art = write_tiny_artifact(tmp_path / "art", DIMS)
+    build_engines(art, "trt-fp16", max_prompt_len=16, machine=machine)
+    b = TrtBackend(load_manifest(art), machine=machine)
+    embeds, mask, positions = _inputs(1, 12, [0])
+    logits = _generate(b, embeds, mask, positions, prompt=9)
+    want = decoder_reference(art / "onnx" / "decoder.onnx", DIMS, embeds, mask, positions)
+    assert rel_err(logits[-1], want) < FP16_REL
+
+
+def test_prompt_longer_than_the_profile_is_prefilled_in_chunks(
+        sim: tuple[fake_trt.FakeCuda, Path]) -> None:
+    from molmo_runtime.prefill import prefill
+
+    _, art = sim
+    b = backend(art)
+    assert b.max_prefill_tokens == 16  # build_engines(max_prompt_len=16)
+    embeds, mask, positions = _inputs(2, 23, [0, 4], seed=6)
+    b.start(2)
+    logits = prefill(b, embeds[:, :21], mask[:, :21], positions[:, :21])  # 16 + 5
+    assert b.cache_length == 21
+    ref = art / "onnx" / "decoder.onnx"
+    want = decoder_reference(ref, DIMS, embeds[:, :21], mask[:, :21], positions[:, :21])
+    assert rel_err(logits, want) < FP16_REL
+    logits = b.decode(embeds[:, 21:22], mask[:, :22], positions[:, 21:22])
+    assert rel_err(logits, decoder_reference(ref, DIMS, embeds[:, :22], mask[:, :22],
+                                             positions[:, :22])) < FP16_REL

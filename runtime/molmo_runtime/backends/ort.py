@@ -1,20 +1,28 @@
-"""ONNX Runtime runner: three sessions built once, a preallocated host KV cache bound by address.
+"""ONNX Runtime runner: three sessions built once; per generation, a preallocated host KV cache
+bound by address.
 
 The decoder's `past_key_values.*` inputs are bound (IOBinding) to the cache arrays themselves,
 whole: the graph reads their valid prefix (graph_io's shared-buffer convention), so a decode step
 copies only the new token's K/V into place (O(1) in the context length) and never reallocates.
-With the "ort" decoder flavour the `present.*` outputs are bound to the same arrays too, and the
-graph's GroupQueryAttention writes the new K/V in place: no copy at all.
+
+Threads: an ORT InferenceSession serves concurrent run() calls, so the sessions are shared and
+each generation gets its own cache and IOBinding (_OrtState). Finished generations hand their
+cache back to a small pool, so sequential generations reuse one allocation; N concurrent
+generations hold N caches.
+
+With the "ort" decoder flavour (graph_io) the `present.*` outputs are bound to the same arrays
+too, and the graph's GroupQueryAttention writes the new K/V in place: no copy at all.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
 
-from molmo_runtime.backends.base import Backend, cache_shape
+from molmo_runtime.backends.base import Backend, DecodeState, cache_shape, check_cache_size
 from molmo_runtime.errors import InputError, require
 from molmo_runtime.graph_io import CONNECTOR, DECODER, VISION_ENCODER
 from molmo_runtime.manifest import Manifest
@@ -56,7 +64,7 @@ class OrtBackend(Backend):
         self.dims = manifest.dims
         specs = manifest.graphs
         self._sessions = {
-            name: ort.InferenceSession(str(manifest.path(specs[name].file)), options,
+            name: ort.InferenceSession(str(manifest.graph_path(specs[name])), options,
                                        providers=self.providers)
             for name in graphs  # all three, or a subset for tools that check one graph
         }
@@ -64,9 +72,11 @@ class OrtBackend(Backend):
         self._in_place = manifest.decoder_flavour == "ort"
         self._past_names = [t.name for t in spec.inputs[3:]]
         self._output_names = [t.name for t in spec.outputs]
-        self._cache: list[np.ndarray] = []  # 2 * num_layers arrays [B, kv, max_seq, hd]
-        self._binding: Any = None
-        self._length = 0
+        # Idle caches of finished generations, reused by the next ones (flat memory over many
+        # generations); at most _POOL_SIZE are kept.
+        self._pool: list[list[np.ndarray]] = []
+        self._pool_lock = threading.Lock()
+        self._state: _OrtState | None = None  # the implicit state of start()/decode()
 
     def end_profiling(self) -> str:
         """Stop the decoder session's profiler; -> the JSON trace it wrote."""
@@ -79,42 +89,89 @@ class OrtBackend(Backend):
         feeds = {"image_features": image_features, "image_masks": image_masks}
         return self._sessions[CONNECTOR].run(None, feeds)[0]
 
+    def new_state(self, batch: int) -> _OrtState:
+        """A KV cache and IOBinding of this generation's own: ORT sessions serve concurrent
+        run() calls, so generations in several threads (or interleaved streams) decode at once."""
+        return _OrtState(self, batch)
+
+    def _take_cache(self, batch: int) -> list[np.ndarray]:
+        with self._pool_lock:
+            for i, cache in enumerate(self._pool):
+                if cache[0].shape[0] == batch:
+                    return self._pool.pop(i)
+        check_cache_size(self.dims, batch, np.dtype(np.float32).itemsize)
+        shape = cache_shape(self.dims, batch)
+        return [np.zeros(shape, np.float32) for _ in self._past_names]
+
+    def _return_cache(self, cache: list[np.ndarray]) -> None:
+        with self._pool_lock:
+            self._pool.append(cache)
+            del self._pool[:-_POOL_SIZE]
+
     def start(self, batch: int) -> None:
-        if not self._cache or self._cache[0].shape[0] != batch:
-            shape = cache_shape(self.dims, batch)
-            self._cache = [np.zeros(shape, np.float32) for _ in self._past_names]
-            self._binding = self._sessions[DECODER].io_binding()
-            for name, arr in zip(self._past_names, self._cache):
-                self._binding.bind_cpu_input(name, arr)  # shares the array's memory
-            if self._in_place:  # present.* = the same arrays, written in place by the graph
-                self._binding.bind_output(self._output_names[0])  # logits: get_outputs()[0]
-                for name, arr in zip(self._output_names[1:], self._cache):
-                    self._binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape),
-                                              arr.ctypes.data)
-        self._length = 0
+        if self._state is not None:
+            self._state.close()
+        self._state = self.new_state(batch)
 
     @property
     def cache_length(self) -> int:
+        return self._state.length if self._state is not None else 0
+
+    def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+               position_ids: np.ndarray) -> np.ndarray:
+        if self._state is None:
+            raise InputError("decode() called without start(batch)")
+        return self._state.decode(inputs_embeds, attention_mask, position_ids)
+
+
+_POOL_SIZE = 4
+
+
+class _OrtState(DecodeState):
+    """One generation's host KV cache, bound by address to an IOBinding of its own."""
+
+    def __init__(self, backend: OrtBackend, batch: int) -> None:
+        self._backend = backend
+        self._session = backend._sessions[DECODER]
+        self._cache: list[np.ndarray] | None = backend._take_cache(batch)
+        self._binding = self._session.io_binding()
+        for name, arr in zip(backend._past_names, self._cache):
+            self._binding.bind_cpu_input(name, arr)  # shares the array's memory
+        self._in_place = backend._in_place
+        if self._in_place:  # present.* = the same arrays, written in place by the graph
+            names = backend._output_names
+            self._binding.bind_output(names[0])  # logits: get_outputs()[0]
+            for name, arr in zip(names[1:], self._cache):
+                self._binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape),
+                                          arr.ctypes.data)
+        self._length = 0
+
+    @property
+    def length(self) -> int:
         return self._length
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                position_ids: np.ndarray) -> np.ndarray:
         batch, seq, _ = inputs_embeds.shape
         past = self._length
-        if not self._cache or self._cache[0].shape[0] != batch:
-            raise InputError("decode() called without start(batch) for this batch size")
-        if past + seq > self.dims.max_seq_len:
+        max_seq_len = self._backend.dims.max_seq_len
+        if self._cache is None:
+            raise InputError("decode() on a closed decode state")
+        if self._cache[0].shape[0] != batch:
+            raise InputError(f"decode() got {batch} rows; this state was started for "
+                             f"{self._cache[0].shape[0]}")
+        if past + seq > max_seq_len:
             raise InputError(f"sequence of {past + seq} tokens exceeds the artifact's "
-                             f"max_seq_len {self.dims.max_seq_len}")
+                             f"max_seq_len {max_seq_len}")
         b = self._binding
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         if not self._in_place:
             b.clear_binding_outputs()  # outputs change shape with seq: let ORT allocate them
-            for name in self._output_names:
+            for name in self._backend._output_names:
                 b.bind_output(name)
-        self._sessions[DECODER].run_with_iobinding(b)
+        self._session.run_with_iobinding(b)
         outputs = b.get_outputs()
         if not self._in_place:
             for cache, new in zip(self._cache, outputs[1:]):
@@ -122,3 +179,8 @@ class OrtBackend(Backend):
         self._length = past + seq
         # a copy: with bound outputs ORT may reuse the logits buffer in the next run
         return np.array(outputs[0].numpy()[:, -1])  # [B, V]
+
+    def close(self) -> None:
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            self._backend._return_cache(cache)

@@ -9,7 +9,9 @@
 
 Engines are deserialised once, after their build records were checked against this machine
 (trt_env: TensorRT version, GPU, CUDA major, source-graph hash). Tensors are bound by address
-(set_tensor_address) and run with execute_async_v3 on the one stream.
+(set_tensor_address) and run with execute_async_v3 on the one stream. Each context remembers what
+it was told (_Bindings), so an address reaches TensorRT once per context and buffer, and a decode
+step makes two TensorRT calls: the attention mask's new length, and the run itself.
 
 KV cache (graph_io's convention): each layer's K and V live in a fixed device buffer
 [batch, kv_heads, max_seq_len, head_dim] bound as `past_key_values.*` for the whole generation.
@@ -22,7 +24,10 @@ CUDA graphs (cuda_graph=True, off by default): a captured graph replays fixed sh
 attention length grows every step. So 1-token steps run at a padded length: total rounded up to
 a bucket of `graph_bucket` positions, the mask padded so the result is unchanged
 (trt_buffers.padded_decode_mask), and one graph captured per (batch, bucket) the first time it
-is used, right after an ordinary run of that shape (TensorRT requires one before capture). The
+is used, right after an ordinary run of that shape (TensorRT requires one before capture). A
+captured run reads its context's state when launched, and the decode context is re-bound by
+every other bucket (and every eager step) in between: so the context is bound to the graph's
+shapes again before each replay (a no-op when they did not change). The
 cache copies and uploads stay outside the graph, since their offsets change every step. Cost:
 attention reads up to graph_bucket - 1 masked positions more per step; gain: one launch instead
 of hundreds of kernel launches (which dominates small-batch decode on Jetson CPUs).
@@ -114,6 +119,37 @@ class _IoTensor:
     dtype: np.dtype
 
 
+class _Bindings:
+    """What one execution context has been told, so TensorRT is called only on a change.
+
+    A context keeps its input shapes and tensor addresses between runs. Our buffers are
+    allocated once at their largest (profile maxima), so each address is set once per context
+    and per allocation; a decode step then changes one shape (the attention mask's length).
+    """
+
+    def __init__(self, ctx: trt.IExecutionContext, graph: str) -> None:
+        self.ctx = ctx
+        self.graph = graph
+        self.shapes: dict[str, Shape] = {}
+        self.addresses: dict[str, int] = {}
+
+    def shape(self, name: str, shape: Shape) -> None:
+        if self.shapes.get(name) == shape:
+            return
+        self.shapes.pop(name, None)  # unknown until TensorRT accepts it
+        if not self.ctx.set_input_shape(name, shape):
+            raise InputError(f"{self.graph}: TensorRT rejected shape {shape} for {name}")
+        self.shapes[name] = shape
+
+    def address(self, name: str, ptr: int) -> None:
+        if self.addresses.get(name) == ptr:
+            return
+        self.addresses.pop(name, None)
+        if not self.ctx.set_tensor_address(name, ptr):
+            raise cuda_api.CudaError(f"{self.graph}: TensorRT refused the address of {name}")
+        self.addresses[name] = ptr
+
+
 class _EngineRunner:
     """An engine, one execution context per optimization profile, and its I/O buffers."""
 
@@ -146,34 +182,36 @@ class _EngineRunner:
                 prof[t.name] = (lo, opt, hi)
             self.profiles.append(prof)
         self._memory = _DeviceBuffer()
-        self.contexts = self._make_contexts(trt)
+        self.contexts = self._make_contexts()
+        self.bindings = [_Bindings(ctx, spec.name) for ctx in self.contexts]
         self._buffers: dict[str, _DeviceBuffer] = {}
         caps = capacity_shapes(spec, self.profiles)
         self.capacity = {n: volume(caps[n]) * t.dtype.itemsize for n, t in self.io.items()}
 
-    def _make_contexts(self, trt_mod: object) -> list[trt.IExecutionContext]:
-        """One context per profile. They never run concurrently (one stream), so they share one
-        activation-memory block where this TensorRT lets the caller own it (10.1+)."""
+    def _make_contexts(self) -> list[trt.IExecutionContext]:
+        """One context per profile, its profile selected once. They never run concurrently (one
+        stream), so several share one activation-memory block that we own (USER_MANAGED),
+        sized by device_memory_size_v2: the most any profile needs. Both names exist from
+        TensorRT 10.1 to 11 (their predecessors are gone in 11; docs/tensorrt.md)."""
+        import tensorrt as trt
+
         engine = self.engine
         n = engine.num_optimization_profiles
-        strategy = getattr(trt_mod, "ExecutionContextAllocationStrategy", None)
-        shared = strategy is not None and n > 1
+        shared = n > 1
         contexts = []
-        for p in range(n):
-            ctx = (engine.create_execution_context(strategy.USER_MANAGED) if shared and strategy
-                   else engine.create_execution_context())
+        for _ in range(n):
+            ctx = (engine.create_execution_context(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED) if shared
+                else engine.create_execution_context())
             if ctx is None:
                 raise ArtifactError(f"TensorRT could not create an execution context for "
                                     f"{self.spec.name} (out of device memory?)")
             contexts.append(ctx)
         if shared:
-            size = int(getattr(engine, "device_memory_size_v2", engine.device_memory_size))
+            size = int(engine.device_memory_size_v2)
             ptr = self._memory.ensure(size)
             for ctx in contexts:
-                if hasattr(ctx, "set_device_memory"):
-                    ctx.set_device_memory(ptr, size)
-                else:  # TensorRT 10.0
-                    ctx.device_memory = ptr  # type: ignore[attr-defined]
+                ctx.set_device_memory(ptr, size)
         for p, ctx in enumerate(contexts):
             if not ctx.set_optimization_profile_async(p, self.stream):
                 raise ArtifactError(f"{self.spec.name}: cannot select optimization profile {p}")
@@ -186,13 +224,8 @@ class _EngineRunner:
     def ptr(self, name: str) -> int:
         return self._buffers[name].ptr
 
-    def bind_input(self, ctx: trt.IExecutionContext, name: str, shape: Shape, ptr: int) -> None:
-        if not ctx.set_input_shape(name, shape):
-            raise InputError(f"{self.spec.name}: TensorRT rejected shape {shape} for {name}")
-        ctx.set_tensor_address(name, ptr)
-
-    def execute(self, ctx: trt.IExecutionContext) -> None:
-        if not ctx.execute_async_v3(self.stream):
+    def execute(self, profile: int) -> None:
+        if not self.contexts[profile].execute_async_v3(self.stream):
             raise cuda_api.CudaError(f"{self.spec.name}: TensorRT execution failed")
 
     def max_dim(self, input_name: str, axis: int) -> int:
@@ -201,30 +234,32 @@ class _EngineRunner:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on host arrays and return host arrays (vision encoder, connector)."""
         shapes = {n: a.shape for n, a in feeds.items()}
-        ctx = self.contexts[select_profile(self.profiles, shapes, self.spec.name)]
+        profile = select_profile(self.profiles, shapes, self.spec.name)
+        bound = self.bindings[profile]
         hosts = []  # keep the staged arrays alive until the stream is synchronised
         for name, array in feeds.items():
             host = np.ascontiguousarray(array, dtype=self.io[name].dtype)
             ptr = self.buffer(name, max(host.nbytes, self.capacity[name]))
             cuda_api.memcpy_htod_async(ptr, host, self.stream)
-            self.bind_input(ctx, name, host.shape, ptr)
+            bound.shape(name, host.shape)
+            bound.address(name, ptr)
             hosts.append(host)
         outputs = {}
         for t in self.io.values():
             if t.is_input:
                 continue
-            shape = _dims_tuple(ctx.get_tensor_shape(t.name))
+            shape = _dims_tuple(self.contexts[profile].get_tensor_shape(t.name))
             out = np.empty(shape, t.dtype)
-            ctx.set_tensor_address(t.name, self.buffer(t.name, max(out.nbytes,
-                                                                  self.capacity[t.name])))
+            bound.address(t.name, self.buffer(t.name, max(out.nbytes, self.capacity[t.name])))
             outputs[t.name] = out
-        self.execute(ctx)
+        self.execute(profile)
         for name, out in outputs.items():
             cuda_api.memcpy_dtoh_async(out, self.ptr(name), self.stream)
         cuda_api.stream_synchronize(self.stream)
         return outputs
 
     def close(self) -> None:
+        self.bindings.clear()
         self.contexts.clear()
         del self.engine
         for b in self._buffers.values():
@@ -267,6 +302,7 @@ class TrtBackend(Backend):
         self._runners = {g: _EngineRunner(self._runtime, manifest.path(engines[g]["file"]),
                                           specs[g], self._stream) for g in GRAPH_NAMES}
         self._decoder = self._runners[DECODER]
+        self.max_prefill_tokens = self._decoder.max_dim("inputs_embeds", 1)
         self._kv_dtype = self._decoder.io[past_key_name(0)].dtype
         present = self._decoder.io[present_key_name(0)].dtype
         if present != self._kv_dtype:  # the append copies bytes: the two must agree
@@ -372,16 +408,18 @@ class TrtBackend(Backend):
         shapes = {"inputs_embeds": inputs_embeds.shape, "attention_mask": mask.shape,
                   "position_ids": position_ids.shape}
         profile = select_profile(runner.profiles, shapes, DECODER)
-        ctx = runner.contexts[profile]
         hosts = self._upload(inputs_embeds, mask, position_ids)
         key = (b, mask.shape[1])
+        # Bound before every run, a replay included: a captured TensorRT run reads the state of
+        # its context (shapes, addresses) when it is launched, and other buckets may have
+        # re-bound the context since the capture. Only what changed reaches TensorRT.
+        self._bind_decoder(runner.bindings[profile], seq, mask.shape[1])
         if use_graph and key in self._graphs:
             cuda_api.graph_launch(self._graphs[key].graph_exec, self._stream)
         else:
-            self._bind_decoder(ctx, seq, mask.shape[1])
-            runner.execute(ctx)
+            runner.execute(profile)
             if use_graph:
-                self._graphs[key] = self._capture(ctx)
+                self._graphs[key] = self._capture(profile)
         self._append_present(past, seq)
         logits = np.empty((b, 1, self.dims.vocab_rows), runner.io["logits"].dtype)
         cuda_api.memcpy_dtoh_async(logits, runner.ptr("logits"), self._stream)
@@ -410,20 +448,26 @@ class TrtBackend(Backend):
         self._mask_on_device = m.reshape(-1).copy()
         return hosts
 
-    def _bind_decoder(self, ctx: trt.IExecutionContext, seq: int, total: int) -> None:
+    def _bind_decoder(self, bound: _Bindings, seq: int, total: int) -> None:
+        """Shapes and addresses of a decoder run. The addresses (fixed buffers, the KV cache,
+        the present scratch) reach TensorRT once per context and allocation; per decode step
+        only the attention mask's length changes (one set_input_shape call)."""
         runner, b, d = self._decoder, self._batch, self.dims
         assert self._kv is not None
-        runner.bind_input(ctx, "inputs_embeds", (b, seq, d.d_model), runner.ptr("inputs_embeds"))
-        runner.bind_input(ctx, "attention_mask", (b, total), runner.ptr("attention_mask"))
-        runner.bind_input(ctx, "position_ids", (b, seq), runner.ptr("position_ids"))
+        bound.shape("inputs_embeds", (b, seq, d.d_model))
+        bound.shape("attention_mask", (b, total))
+        bound.shape("position_ids", (b, seq))
+        for name in ("inputs_embeds", "attention_mask", "position_ids", "logits"):
+            bound.address(name, runner.ptr(name))
         shape = cache_shape(d, b)
         base = self._kv_mem.ptr
         for i in range(d.num_layers):
-            runner.bind_input(ctx, past_key_name(i), shape, base + self._kv.key_offsets[i])
-            runner.bind_input(ctx, past_value_name(i), shape, base + self._kv.value_offsets[i])
-            ctx.set_tensor_address(present_key_name(i), self._scratch_ptr(2 * i))
-            ctx.set_tensor_address(present_value_name(i), self._scratch_ptr(2 * i + 1))
-        ctx.set_tensor_address("logits", runner.ptr("logits"))
+            for name, offset in ((past_key_name(i), self._kv.key_offsets[i]),
+                                 (past_value_name(i), self._kv.value_offsets[i])):
+                bound.shape(name, shape)
+                bound.address(name, base + offset)
+            bound.address(present_key_name(i), self._scratch_ptr(2 * i))
+            bound.address(present_value_name(i), self._scratch_ptr(2 * i + 1))
 
     def _scratch_ptr(self, k: int) -> int:
         return self._scratch.ptr + k * self._scratch_stride
@@ -439,11 +483,11 @@ class TrtBackend(Backend):
                                               self._scratch_ptr(k) + c.src_offset, c.src_pitch,
                                               c.width, c.height, self._stream)
 
-    def _capture(self, ctx: trt.IExecutionContext) -> _CapturedStep:
+    def _capture(self, profile: int) -> _CapturedStep:
         """Capture the engine run just made (same shapes and addresses) as a CUDA graph."""
         cuda_api.stream_begin_capture(self._stream)
         try:
-            self._decoder.execute(ctx)
+            self._decoder.execute(profile)
         finally:
             graph = cuda_api.stream_end_capture(self._stream)
         return _CapturedStep(graph, cuda_api.graph_instantiate(graph))
