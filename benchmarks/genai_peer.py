@@ -82,10 +82,10 @@ class GenaiDecoder:
     def __init__(self, folder: Path, threads: int | None, max_len: int) -> None:
         import onnxruntime as ort
 
-        cfg = json.loads((folder / "genai_config.json").read_text())["model"]
-        dec = cfg["decoder"]
-        self.share = bool(cfg.get("decoder", {}).get("past_present_share_buffer", False)
-                          or cfg.get("past_present_share_buffer", False))
+        full = json.loads((folder / "genai_config.json").read_text())
+        dec = full["model"]["decoder"]
+        # genai's own runtime rule: one max-length buffer shared by past and present, or not
+        self.share = bool(full.get("search", {}).get("past_present_share_buffer", False))
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or 0
         so.log_severity_level = 3
