@@ -10,12 +10,18 @@ dimension frozen during tracing shows up here:
     decode logits + KV  past lengths 1..257 inside the preallocated cache, seq 1 and 3
     greedy tokens       the first N tokens from the artifact, each checked against the reference
                         by teacher forcing (a different token passes only at a near-tie)
+
+Bounds: rows "verify/*" of molmo_runtime.tolerances. A quantized artifact (ort-int8, ort-int4,
+trt-int8) is not held to fp32 bounds: it is checked against the quality thresholds recorded in
+its own quality report, with the report's metrics, on the held-out samples of its calibration set
+(quantized_check.py). Each stage prints one progress line with its time as it completes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +32,11 @@ import torch
 from molmo_export.model import MolmoForConditionalGeneration
 from molmo_runtime.errors import MolmoError
 from molmo_runtime.manifest import load_manifest
+from molmo_runtime.tolerances import TABLE
 
-# Tolerances for fp32 ONNX Runtime vs fp32 PyTorch on CPU. Both run the same float32 math with
-# different kernels and summation orders; the golden data (../shared/golden/README.md §5.5) shows
-# such reorderings move vision features by ~2e-6, hidden states of magnitude ~25 by ~1.5e-5 and
-# logits by ~3e-6. The bounds leave about 10x headroom over that and are far below a real bug
-# (a wrong mask, position or weight moves values by 1e-2 or more). Bound = atol + rtol * max|ref|.
-TOLERANCES_FP32: dict[str, tuple[float, float]] = {
-    "vision_features": (2e-5, 1e-5),
-    "connector_tokens": (2e-5, 1e-5),
-    "prefill_logits": (1e-4, 1e-5),
-    "decode_logits": (1e-4, 1e-5),
-    "present_kv": (1e-4, 1e-5),
-}
-MIN_COSINE = 0.99999
-GREEDY_TIE_MARGIN = 1e-4  # a differing greedy token is accepted only below this top-1 margin
+Log = Callable[[str], None]
+MIN_COSINE = 1 - TABLE["verify/cosine"].atol
+GREEDY_TIE_MARGIN = TABLE["verify/greedy_tie_margin"].atol
 
 
 @dataclass
@@ -58,14 +54,19 @@ def compare(stage: str, case: str, got: np.ndarray, ref: np.ndarray) -> StageRes
     if got.shape != ref.shape:
         return StageResult(stage, case, math.inf, 0.0, 0.0, False,
                            f"shape {got.shape} != reference {ref.shape}")
-    atol, rtol = TOLERANCES_FP32[stage]
     g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
     max_abs = float(np.abs(g - r).max()) if g.size else 0.0
     denom = float(np.linalg.norm(g) * np.linalg.norm(r))
     cosine = float(g @ r / denom) if denom > 0 else 1.0
-    tol = atol + rtol * float(np.abs(r).max(initial=0.0))
+    tol = TABLE[f"verify/{stage}"].bound(float(np.abs(r).max(initial=0.0)))
     ok = bool(np.isfinite(g).all()) and max_abs <= tol and cosine >= MIN_COSINE
     return StageResult(stage, case, max_abs, cosine, tol, ok)
+
+
+def progress_line(i: int, n: int, name: str, seconds: float, checks: int, failed: int) -> str:
+    status = f"{failed} FAILED" if failed else "ok"
+    plural = "" if checks == 1 else "s"
+    return f"[molmo-verify {i}/{n}] {name}: {checks} check{plural} {status} ({seconds:.1f} s)"
 
 
 def format_table(results: list[StageResult]) -> str:
@@ -106,12 +107,18 @@ class Verifier:
         self.gen = torch.Generator().manual_seed(1234)
         self.results: list[StageResult] = []
 
-    def run_all(self, greedy_tokens: int = 8) -> list[StageResult]:
+    def run_all(self, greedy_tokens: int = 8, log: Log = print) -> list[StageResult]:
+        stages: list[tuple[str, Callable[[], None]]] = [
+            ("vision features + connector tokens", self.vision_and_connector),
+            ("prefill logits", self.prefill), ("decode logits + KV cache", self.decode),
+            (f"greedy tokens ({greedy_tokens})", lambda: self.greedy(greedy_tokens))]
         with torch.no_grad():
-            self.vision_and_connector()
-            self.prefill()
-            self.decode()
-            self.greedy(greedy_tokens)
+            for i, (name, run) in enumerate(stages, 1):
+                start, before = time.perf_counter(), len(self.results)
+                run()
+                failed = sum(not r.passed for r in self.results[before:])
+                log(progress_line(i, len(stages), name, time.perf_counter() - start,
+                                  len(self.results) - before, failed))
         return self.results
 
     def vision_and_connector(self) -> None:
@@ -169,7 +176,7 @@ class Verifier:
                                                    pos[:, past_len:], past)
             case = f"batch={batch} past={past_len} seq={seq}"
             self.results.append(compare("decode_logits", case, got, ref_logits.numpy()))
-            cache = self.backend._cache  # [B, kv, max_seq, hd] per K/V of each layer
+            cache = self.backend._state._cache  # [B, kv, max_seq, hd] per K/V of each layer
             got_kv = np.stack([c[:, :, past_len:total] for c in cache])
             ref_kv = np.stack([t.numpy() for kv in new_kv for t in kv])
             self.results.append(compare("present_kv", case, got_kv, ref_kv))
@@ -216,21 +223,28 @@ class Verifier:
 
 def verify_artifact(artifact_dir: str | os.PathLike[str],
                     ref: MolmoForConditionalGeneration | str | os.PathLike[str] | None = None,
-                    greedy_tokens: int = 8, log: Callable[[str], None] = print
-                    ) -> list[StageResult]:
+                    greedy_tokens: int = 8, log: Log = print) -> list[StageResult]:
     """Run every stage, print the table, raise MolmoError if any stage fails.
 
     `ref` is the reference model, or the checkpoint directory / preset it was exported from
-    (defaults to the manifest's recorded source).
+    (defaults to the manifest's recorded source). fp32 artifacts are held to the fp32 bounds,
+    quantized ones to their quality report's thresholds (see the module docstring).
     """
     artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir, "none", allow_unverified=True)
+    quantized = bool(manifest.raw.get("quantization"))
     if not isinstance(ref, MolmoForConditionalGeneration):
         from molmo_export.export.onnx_export import resolve_checkpoint
 
-        source = ref if ref is not None else load_manifest(
-            artifact_dir, "none", allow_unverified=True).raw["model"]["source"]
+        source = ref if ref is not None else manifest.raw["model"]["source"]
+        log(f"[molmo-verify] loading the reference model from {source}")
         ref = MolmoForConditionalGeneration.from_pretrained(resolve_checkpoint(source))
-    results = Verifier(artifact_dir, ref).run_all(greedy_tokens)
+    if quantized:
+        from molmo_export.quantized_check import verify_quantized
+
+        results = verify_quantized(artifact_dir, ref, log)
+    else:
+        results = Verifier(artifact_dir, ref).run_all(greedy_tokens, log)
     log(format_table(results))
     failed = [r for r in results if not r.passed]
     if failed:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +74,36 @@ def golden_artifact() -> Path:
 @pytest.fixture(scope="session")
 def demo_artifact() -> Path:
     return exported_artifact("demo", "demo", max_seq_len=2048)
+
+
+# Held-out shapes questions the task gate answers per quantized demo (molmo-eval: 600).
+TASK_QUESTIONS = 200
+
+
+@pytest.fixture(scope="session")
+def demo_quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Callable[[str], tuple[Path, Any]]:
+    """target -> (artifact, QualityReport): the demo artifact quantized once per session with the
+    bundled calibration set. allow_degraded: the gate's decision is not what the tests using it
+    check (int4 on random weights is below the int8-level thresholds); each asserts its metrics."""
+    pytest.importorskip("molmo_runtime.processing", reason="MolmoProcessor not available")
+    demo: Path = request.getfixturevalue("demo_artifact")
+    from molmo_calibration import quantize_artifact
+    from molmo_calibration.report import QualityWarning
+
+    made: dict[str, tuple[Path, Any]] = {}
+
+    def get(target: str) -> tuple[Path, Any]:
+        if target not in made:
+            out = tmp_path_factory.mktemp("demo-quantized") / target
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", QualityWarning)
+                made[target] = (out, quantize_artifact(
+                    demo, out, target, allow_degraded=True, task_questions=TASK_QUESTIONS,
+                    progress=False, log=lambda s: None))
+        return made[target]
+
+    return get
 
 
 @pytest.fixture(autouse=True, scope="session")

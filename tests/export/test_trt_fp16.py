@@ -32,10 +32,11 @@ from molmo_export.trt.fp16 import (
     kv_cache_policy,
 )
 from molmo_runtime import graph_io
+from molmo_runtime.tolerances import TABLE
 from tests.gpu.tiny_graphs import connector_model, decoder_model, tiny_dims, vision_model
 
-FP16_REL = 1e-2
-BROKEN_REL = 0.2
+FP16_REL = TABLE["fp16/graph_output"].rtol
+BROKEN_REL = TABLE["fp16/broken"].rtol
 DIMS = tiny_dims(max_seq_len=24)
 ISLANDS = ("keep_norms", "keep_softmax", "keep_index_maths", "keep_rope", "fp32_residual")
 

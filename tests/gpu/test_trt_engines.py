@@ -23,10 +23,11 @@ import pytest
 
 from molmo_runtime.trt_env import missing_for_tensorrt
 
+# Skip each test (not the module: a run that collects nothing exits 5, not 0) with the reason.
 _MISSING = missing_for_tensorrt()
-if _MISSING:
-    pytest.skip("TensorRT engine tests need an NVIDIA GPU with TensorRT >= 10.3, < 12 and "
-                "cuda-python; this machine has " + ", ".join(_MISSING), allow_module_level=True)
+_SKIP = pytest.mark.skipif(bool(_MISSING), reason="TensorRT engine tests need an NVIDIA GPU with "
+                           "TensorRT >= 10.3, < 12 and cuda-python; this machine has "
+                           + ", ".join(_MISSING))
 
 import onnxruntime as ort  # noqa: E402
 
@@ -39,9 +40,9 @@ from molmo_runtime.tolerances import TABLE  # noqa: E402
 from molmo_runtime.trt_env import collect_machine_info  # noqa: E402
 from tests.gpu.tiny_graphs import decoder_reference  # noqa: E402
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, _SKIP]
 
-MIN_COSINE = 0.999
+MIN_COSINE = 1 - TABLE["fp16/cosine"].atol
 
 
 def check(stage: str, got: np.ndarray, want: np.ndarray) -> None:
@@ -61,7 +62,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from molmo_export.export import export_artifact
 
     out = tmp_path_factory.mktemp("trt") / "demo"
-    export_artifact(model="demo", target="onnx", out=out, max_seq_len=512, progress=False)
+    export_artifact(model="demo-random", target="onnx", out=out, max_seq_len=512, progress=False)
     return Path(out)
 
 
@@ -161,10 +162,11 @@ def _steps(b: TrtBackend, embeds: np.ndarray, prompt: int, chunk: int | None = N
     length = embeds.shape[1]
     mask = np.ones((1, length), np.int64)
     positions = np.arange(length)[None]
-    b.start(1)
-    out = [prefill(b, embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt], chunk)]
-    for t in range(prompt, length):
-        out.append(b.decode(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]))
+    with b.new_state(1) as state:
+        out = [prefill(state, embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt],
+                       chunk or b.max_prefill_tokens)]
+        for t in range(prompt, length):
+            out.append(state.decode(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]))
     return out
 
 

@@ -1,7 +1,7 @@
 """Run the golden tiny Molmo's cases through an exported artifact with the torch-free runtime.
 
 Used by test_runtime_golden.py in a fresh subprocess, so the check also proves that the runtime
-path never imports torch. Prints one JSON object: per case, the measured differences and the
+path never imports torch. Prints one JSON object: per case, the measured differences (with the golden scale) and the
 generated ids; and the torch modules seen in sys.modules (must be none).
 
     python -m tests.runtime.golden_check ARTIFACT_DIR GOLDEN_DIR [MODEL_SUBDIR]
@@ -21,8 +21,10 @@ from molmo_runtime.pipeline import MolmoPipeline, Timings, _Clock
 
 
 
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+def _max_abs(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """[max |a - b|, max |b|]: the error and the golden scale it is bounded against."""
+    return [float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()),
+            float(np.abs(b).max())]
 
 
 def _case_inputs(golden: Path, model: str, case: str
