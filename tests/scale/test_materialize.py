@@ -9,7 +9,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from molmo_export.demo import materialize_preset  # noqa: E402
 from molmo_export.materialize import materialize  # noqa: E402
 from molmo_export.model import MolmoForConditionalGeneration  # noqa: E402
 from molmo_runtime.errors import InputError  # noqa: E402
@@ -25,8 +24,9 @@ def test_sharded_bf16_checkpoint_loads_through_from_pretrained(tmp_path: Path) -
         assert (out / name).is_file()
     model = MolmoForConditionalGeneration.from_pretrained(out)
     assert model.load_report.ok and not model.load_report.unused
-    # the same draws as the float32 demo preset, rounded to bf16
-    reference = MolmoForConditionalGeneration.from_pretrained(materialize_preset("demo"))
+    # the same draws as a float32 materialisation, rounded to bf16
+    reference = MolmoForConditionalGeneration.from_pretrained(
+        materialize("demo", tmp_path / "demo-fp32", dtype="fp32"))
     ours = dict(model.named_parameters())
     for name, p in reference.named_parameters():
         assert torch.equal(ours[name], p.to(torch.bfloat16).float()), name
