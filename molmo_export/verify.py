@@ -176,7 +176,7 @@ class Verifier:
                                                    pos[:, past_len:], past)
             case = f"batch={batch} past={past_len} seq={seq}"
             self.results.append(compare("decode_logits", case, got, ref_logits.numpy()))
-            cache = self.backend._cache  # [B, kv, max_seq, hd] per K/V of each layer
+            cache = self.backend._state._cache  # [B, kv, max_seq, hd] per K/V of each layer
             got_kv = np.stack([c[:, :, past_len:total] for c in cache])
             ref_kv = np.stack([t.numpy() for kv in new_kv for t in kv])
             self.results.append(compare("present_kv", case, got_kv, ref_kv))

@@ -308,6 +308,10 @@ def _fp32_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(
             f"{src.directory} is a {src.target!r} artifact; quantize an fp32 one "
             "(molmo-export --target onnx or ort-fp32)")
+    if src.decoder_flavour != "portable":  # the fused decoder is made quantized from weights
+        raise ArtifactError(
+            f"{src.directory} holds the decoder made for ONNX Runtime; quantize a portable "
+            "artifact (molmo-export --target onnx, or --decoder portable)")
     missing = {VISION_ENCODER, CONNECTOR, DECODER} - set(src.graphs)
     if missing:
         raise ArtifactError(f"{src.directory}: manifest lists no {', '.join(sorted(missing))} "

@@ -408,7 +408,7 @@ def test_an_export_that_fails_verification_is_marked_and_refused(tmp_path: Path)
     out = tmp_path / "art"
     proc = subprocess.run([sys.executable, "-m", "molmo_export.cli", "--model", str(ckpt),
                            "--target", "onnx", "--out", str(out), "--no-progress",
-                           "--max-seq-len", "256"],
+                           "--max-seq-len", "1024"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "marked as failed" in proc.stderr and "--allow-unverified" in proc.stderr
