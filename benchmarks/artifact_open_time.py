@@ -33,7 +33,7 @@ def main() -> None:
     art = Path(args.artifact)
     m = load_manifest(art, verify="none")
     total = sum(int(r["bytes"]) for r in m.files.values())
-    print(f"artifact {art}: {len(m.files)} files, {total / 1e9:.2f} GB; "
+    print(f"artifact {art}: {len(m.files)} files, {total / 1e6:,.1f} MB; "
           f"load {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     times: dict[str, list[float]] = {k: [] for k in ("cached-first", "cached-second", "full",
                                                      "size")}

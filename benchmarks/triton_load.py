@@ -6,8 +6,8 @@ model-instance counts, against the in-process pipeline as the reference.
 
 For each instance count it writes a repository (hard links to the artifact), starts the bundled
 tritonserver (molmo_triton.server; the server environment is .venv-triton), sends one warm-up
-request, then for each client count runs that many HTTP clients, each sending --requests
-identical requests back to back (greedy, the bundled photo downscaled so the image is 2 crops).
+request, then for each client count runs that many HTTP clients sending --requests identical
+requests in all, back to back (each client ceil(requests / clients)) (greedy, the bundled photo downscaled so the image is 2 crops).
 The reference: the same request with MolmoPipeline in this process, before the first server
 and after the last (the two runs show the drift of a shared machine). Load averages are read
 before and after every configuration.
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("artifact", type=Path)
     p.add_argument("--instances", type=int, nargs="+", default=[1, 2])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--requests", type=int, default=4, help="requests per client")
+    p.add_argument("--requests", type=int, default=8,
+                   help="requests per configuration, spread over its clients")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=None,
                    help="ORT threads per instance and for the reference (default: ORT's)")
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                                                             max_new_tokens=args.max_new_tokens)
                 for clients in args.clients:
                     load0 = load_average()
+                    per_client = -(-args.requests // clients)
                     row("triton", instances, load_run(server.http_url, image, clients,
-                                                      args.requests, args.max_new_tokens), load0)
+                                                      per_client, args.max_new_tokens), load0)
     load0 = load_average()
     row("direct", None, direct(args.artifact, image, args.requests, args.max_new_tokens,
                                args.threads), load0)

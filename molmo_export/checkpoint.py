@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from molmo_export.config import (
-    RANDOM_WEIGHT_PRESETS,
+    BUILTIN_PRESETS,
     CheckpointError,
     MolmoConfig,
     config_from_checkpoint,
@@ -351,7 +351,7 @@ def load_pretrained(cls: type, directory: str | os.PathLike[str], dtype: Any = N
     from safetensors import SafetensorError
 
     dtype = dtype or torch.float32
-    if not Path(directory).exists() and str(directory) in RANDOM_WEIGHT_PRESETS:
+    if not Path(directory).exists() and str(directory) in BUILTIN_PRESETS:
         from molmo_export.demo import materialize_preset
 
         directory = materialize_preset(str(directory))
@@ -389,3 +389,29 @@ def load_pretrained(cls: type, directory: str | os.PathLike[str], dtype: Any = N
     model.eval()
     model.load_report = report
     return model
+
+
+def official_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights under their OFFICIAL names (the inverse of loading: fused tensors
+    re-assembled from their parts), contiguous float32 copies, ready for safetensors."""
+    import torch
+
+    params = dict(model.named_parameters())
+    plan, _ = build_plan(model.config, {n: tuple(p.shape) for n, p in params.items()})
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for official, entry in sorted(plan.items()):
+            parts = []
+            for w in entry.writes:
+                src = params[w.param].detach()
+                if isinstance(w.index, tuple):
+                    src = src[w.index[0]:w.index[1]]
+                elif isinstance(w.index, int):
+                    src = src[w.index]
+                parts.append(src)
+            tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            if tuple(tensor.shape) != entry.shape:
+                raise AssertionError(f"{official}: assembled {tuple(tensor.shape)}, "
+                                     f"expected {entry.shape}")
+            out[official] = tensor.to(torch.float32).contiguous().clone()
+    return out

@@ -50,6 +50,10 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="int8/int4 targets: keep the fp32 intermediate artifact in DIR (a new "
                         "or empty folder; default: built inside --out's staging area and "
                         "removed, so only --out is written)")
+    p.add_argument("--decoder", choices=("auto", "portable"), default="auto",
+                   help="ort-* targets: 'auto' uses the decoder graph made for ONNX Runtime "
+                        "(fused contrib ops) where the model allows it, 'portable' the plain-op "
+                        "graph (default: auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (default: show them)")
     add_debug_flag(p)
@@ -99,7 +103,6 @@ def main_export(argv: list[str] | None = None) -> int:
     return run_main("molmo-export", lambda: _export(args), debug=args.debug)
 
 
-
 def _export(args: argparse.Namespace) -> int:
     if not args.from_onnx:
         require("torch", "export", "molmo-export; only --from-onnx works without it")
@@ -115,7 +118,8 @@ def _export(args: argparse.Namespace) -> int:
                            verify=args.verify, from_onnx=args.from_onnx,
                            calibration_set=args.calibration_set,
                            allow_degraded=args.allow_degraded, progress=args.progress,
-                           keep_fp32=args.keep_fp32, trt_options=trt_options)
+                           keep_fp32=args.keep_fp32, trt_options=trt_options,
+                           decoder=args.decoder)
     print(f"artifact written to {path}")
     return 0
 

@@ -195,9 +195,20 @@ PRESETS: dict[str, MolmoConfig] = {
         MolmoTextConfig(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                         intermediate_size=59136, layer_norm_eps=1e-5),
         _QWEN2_TOKENS),
-    # Small, deterministic random weights (fixed seed): the built-in default of every command.
+    # The built-in default of every command: a tiny Molmo TRAINED on the shapes task
+    # (molmo_export.train_demo; weights shipped in molmo_export/weights/, docs/demo_model.md).
+    # 112 px crops (8x8 patches -> 4x4 image tokens a crop) keep training on a CPU fast.
     "demo": _preset(
         "demo",
+        MolmoTextConfig(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
+                        intermediate_size=384, vocab_size=512, embedding_size=512),
+        _DEMO_TOKENS,
+        MolmoVisionConfig(image_size=112, hidden_size=64, num_heads=4, head_dim=16,
+                          intermediate_size=192, num_layers=2, vit_layers=(-1, -2))),
+    # Small, deterministic random weights (fixed seed) at the full 336 px geometry: structure
+    # and speed tests.
+    "demo-random": _preset(
+        "demo-random",
         MolmoTextConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                         intermediate_size=384, vocab_size=512, embedding_size=512),
         _DEMO_TOKENS,
@@ -217,7 +228,11 @@ PRESETS: dict[str, MolmoConfig] = {
 }
 
 # Presets whose weights are generated in code (molmo_export.demo), not read from a checkpoint.
-RANDOM_WEIGHT_PRESETS = ("demo", "bench-0.5b")
+RANDOM_WEIGHT_PRESETS = ("demo-random", "bench-0.5b")
+# Presets whose trained weights ship with the package (molmo_export/weights/<name>.safetensors).
+TRAINED_PRESETS = ("demo",)
+# Every preset `materialize_preset` can build a checkpoint folder for.
+BUILTIN_PRESETS = TRAINED_PRESETS + RANDOM_WEIGHT_PRESETS
 
 
 def get_preset(name: str) -> MolmoConfig:

@@ -1,6 +1,8 @@
-"""Random-weight Molmo checkpoints in the official layout (the `demo` and `bench-0.5b` presets).
+"""Built-in Molmo checkpoints in the official layout: the trained `demo` preset (weights shipped
+in molmo_export/weights/, trained by molmo_export.train_demo) and the random-weight `demo-random`
+and `bench-0.5b` presets.
 
-    materialize_preset("demo") -> ~/.cache/molmo-export/demo-v1-<hash>/
+    materialize_preset("demo") -> ~/.cache/molmo-export/demo-v2-<hash>/
         config.json              hub format (LLM fields), or MolmoE's full format for MoE configs
         full_config.json         the complete OLMo-style config incl. the vision tower
         model.safetensors        OFFICIAL key names (or model-0000N-of-0000M + index when large)
@@ -8,7 +10,8 @@
         preprocessor_config.json the official image-processor constants (spec §6.2)
 
 So every command that takes a checkpoint folder takes these too, through the same loader as the
-real models. Weights are deterministic (torch.Generator with a fixed seed, tensors drawn in
+real models. A trained preset's model.safetensors is a copy of the shipped file. Random weights
+are deterministic (torch.Generator with a fixed seed, tensors drawn in
 sorted official-name order) and initialised like the golden tiny models so the outputs are not
 degenerate: norm weights 1 + N(0, 0.1), biases N(0, 0.05), embeddings N(0, 0.5), patch
 embedding N(0, 0.04), linear weights N(0, 1/fan_in) (std 1/sqrt(fan_in), ~0.1 at the demo's
@@ -27,10 +30,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from molmo_export.config import PRESETS, RANDOM_WEIGHT_PRESETS, MolmoConfig, get_preset
+from molmo_export.config import (
+    BUILTIN_PRESETS,
+    PRESETS,
+    TRAINED_PRESETS,
+    MolmoConfig,
+    get_preset,
+)
 from molmo_runtime.errors import InputError
 
-FORMAT_VERSION = 2  # bump when the files written here change
+FORMAT_VERSION = 3  # bump when the files written here change
 SEED = 20240930
 SHARD_BYTES = 1 << 30  # checkpoints larger than this are sharded like the hub's
 MARKER = "molmo_export_preset.json"
@@ -106,13 +115,20 @@ def hub_config(cfg: MolmoConfig) -> dict[str, Any]:
     }
 
 
+def overlap_margin(cfg: MolmoConfig) -> int:
+    """Patches of overlap on each side of a crop: the official 4 of 24 (a sixth), rounded to an
+    even number of at least 2 (2x2 pooling) for smaller crops (2 of 8 at 112 px)."""
+    return max(2, 2 * round(cfg.vision.grid_size / 12))
+
+
 def preprocessor_config(cfg: MolmoConfig) -> dict[str, Any]:
     v = cfg.vision
+    margin, tokens = overlap_margin(cfg), (v.grid_size + 1) // 2
     return {
         "image_processor_type": "MolmoImageProcessor", "processor_class": "MolmoProcessor",
         "base_image_input_size": [v.image_size, v.image_size], "image_patch_size": v.patch_size,
-        "max_crops": 12, "overlap_margins": [4, 4], "image_token_length_w": 12,
-        "image_token_length_h": 12, "image_padding_mask": True, "do_normalize": True,
+        "max_crops": 12, "overlap_margins": [margin, margin], "image_token_length_w": tokens,
+        "image_token_length_h": tokens, "image_padding_mask": True, "do_normalize": True,
         "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
     }
 
@@ -253,8 +269,15 @@ def write_random_weights(cfg: MolmoConfig, directory: Path, seed: int = SEED) ->
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED) -> None:
-    """All files of a random-weight checkpoint into an existing empty directory."""
+def trained_weights(name: str) -> Path:
+    """The shipped weights of a trained preset (official names, float32)."""
+    return Path(__file__).parent / "weights" / f"{name}.safetensors"
+
+
+def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED,
+                     weights: Path | None = None) -> None:
+    """All files of a checkpoint into an existing empty directory: `weights` copied as
+    model.safetensors, or random weights drawn from `seed`."""
     if cfg.text.is_moe:
         (directory / "config.json").write_text(json.dumps(full_config(cfg), indent=2) + "\n")
     else:
@@ -263,14 +286,27 @@ def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED) -> Non
     (directory / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(cfg), indent=2) + "\n")
     write_tokenizer(cfg, directory)
-    write_random_weights(cfg, directory, seed)
+    if weights is not None:
+        shutil.copyfile(weights, directory / "model.safetensors")
+    else:
+        write_random_weights(cfg, directory, seed)
 
 
 # -- materialising a preset ----------------------------------------------------------------------
 
-def preset_version(cfg: MolmoConfig, seed: int = SEED) -> str:
-    """v<format>-<hash of config and seed>: a changed preset never reuses a stale folder."""
-    blob = json.dumps({"config": cfg.to_dict(), "seed": seed, "format": FORMAT_VERSION},
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def preset_version(cfg: MolmoConfig, seed: int = SEED, weights: Path | None = None) -> str:
+    """v<format>-<hash of config and seed (or of the shipped weights)>: a changed preset never
+    reuses a stale folder."""
+    source: Any = _file_digest(weights) if weights is not None else seed
+    blob = json.dumps({"config": cfg.to_dict(), "seed": source, "format": FORMAT_VERSION},
                       sort_keys=True).encode()
     return f"v{FORMAT_VERSION}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
@@ -299,18 +335,23 @@ def _make_readable(directory: Path) -> None:
 
 
 def materialize_preset(name: str, directory: str | os.PathLike[str] | None = None) -> Path:
-    """The checkpoint folder of a random-weight preset ("demo", "bench-0.5b"), built if absent.
+    """The checkpoint folder of a built-in preset ("demo", "demo-random", "bench-0.5b"), built
+    if absent.
 
     Default place: <cache>/<name>-<version>/ (cache = $MOLMO_EXPORT_CACHE, else
     $XDG_CACHE_HOME/molmo-export, else ~/.cache/molmo-export). Built in a temporary folder beside
     it and renamed into place, so it is either complete or absent.
     """
-    if name not in RANDOM_WEIGHT_PRESETS:
-        raise InputError(f"preset {name!r} has no generated weights; random-weight presets: "
-                         f"{', '.join(RANDOM_WEIGHT_PRESETS)} (real models: download the "
+    if name not in BUILTIN_PRESETS:
+        raise InputError(f"preset {name!r} has no built-in weights; built-in presets: "
+                         f"{', '.join(BUILTIN_PRESETS)} (real models: download the "
                          f"checkpoint; known presets: {', '.join(PRESETS)})")
     cfg = get_preset(name)
-    version = preset_version(cfg)
+    weights = trained_weights(name) if name in TRAINED_PRESETS else None
+    if weights is not None and not weights.is_file():
+        raise InputError(f"the trained weights of preset {name!r} are missing ({weights}); "
+                         "reinstall molmo-export")
+    version = preset_version(cfg, weights=weights)
     target = Path(directory) if directory is not None else cache_root() / f"{name}-{version}"
     marker = {"preset": name, "version": version}
     if _is_complete(target, marker):
@@ -321,7 +362,7 @@ def materialize_preset(name: str, directory: str | os.PathLike[str] | None = Non
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        write_checkpoint(cfg, tmp)
+        write_checkpoint(cfg, tmp, weights=weights)
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         _make_readable(tmp)
         if target.exists():

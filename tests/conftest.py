@@ -76,6 +76,10 @@ def demo_artifact() -> Path:
     return exported_artifact("demo", "demo", max_seq_len=2048)
 
 
+# Held-out shapes questions the task gate answers per quantized demo (molmo-eval: 600).
+TASK_QUESTIONS = 200
+
+
 @pytest.fixture(scope="session")
 def demo_quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                    ) -> Callable[[str], tuple[Path, Any]]:
@@ -94,8 +98,9 @@ def demo_quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
             out = tmp_path_factory.mktemp("demo-quantized") / target
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", QualityWarning)
-                made[target] = (out, quantize_artifact(demo, out, target, allow_degraded=True,
-                                                       progress=False, log=lambda s: None))
+                made[target] = (out, quantize_artifact(
+                    demo, out, target, allow_degraded=True, task_questions=TASK_QUESTIONS,
+                    progress=False, log=lambda s: None))
         return made[target]
 
     return get

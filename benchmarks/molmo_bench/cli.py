@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array size of the memory-bandwidth probe (default 1024 MiB)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the synthetic inputs (default 0)")
+    p.add_argument("--eval", type=non_negative_int, default=0, metavar="N",
+                   help="also answer N held-out shapes-task questions (models trained on the "
+                        "task, e.g. the demo preset) and report the task accuracy (default 0)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the results as JSON (default: not written)")
     p.add_argument("--markdown", default=None, metavar="FILE",
@@ -174,6 +177,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 worker.step(kind, index)
                 time.sleep(SWITCH_PAUSE_S)
         runtime = runtime_bench.result()
+        task = None
+        if args.eval:
+            from molmo_calibration.shapes.evaluate import evaluate_pipeline
+
+            log(f"task accuracy: {args.eval} held-out shapes questions")
+            task = evaluate_pipeline(pipe, args.eval).to_dict()
         pipe.backend.close()
         del pipe, runtime_bench  # free the sessions and their threads before anything else runs
         gc.collect()
@@ -242,6 +251,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if torch_result is not None:
         report["torch"] = torch_result
         report["speedup"] = speedups(runtime, torch_result)
+    if task is not None:
+        report["task"] = task
     return report
 
 

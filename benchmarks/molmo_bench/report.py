@@ -130,6 +130,13 @@ def markdown(report: dict[str, Any]) -> str:
                    f"{report['bandwidth_bound_tokens_per_s']:,.1f} tokens/s. "
                    f"fp32 GEMM {report['compute']['gemm_gflops']:,.0f} GFLOP/s (numpy probe); "
                    "compute fraction = a stage's matmul FLOPs / its time / that rate.")]
+    task = report.get("task")
+    if task is not None:
+        acc = task["tasks"]
+        lines += ["", (f"Task accuracy ({task['questions']} held-out shapes questions, seed "
+                       f"{task['heldout_seed']}): pointing {acc['pointing']:.1%}, counting "
+                       f"{acc['counting']:.1%}, colour {acc['colour']:.1%}, well formed "
+                       f"{task['well_formed']:.1%}.")]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from molmo_calibration.recipes import TARGETS
-from molmo_runtime.cli_common import add_debug_flag, positive_int, run_main
+from molmo_runtime.cli_common import add_debug_flag, non_negative_int, positive_int, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty OUT that holds no artifact (files kept; "
                         "default: off)")
+    p.add_argument("--task-questions", type=non_negative_int, default=None,
+                   help="held-out shapes-task questions for the task gate (default: 600 for a "
+                        "model trained on the shapes task, e.g. the demo preset; 0 skips it)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (default: off)")
     add_debug_flag(p)
     return p
@@ -50,7 +53,8 @@ def _quantize(args: argparse.Namespace) -> int:
     quantize_artifact(args.src, args.out, args.target, args.calibration_set,
                       allow_degraded=args.allow_degraded, progress=not args.quiet,
                       max_samples=args.max_samples, new_tokens=args.new_tokens,
-                      threads=args.threads, force=args.force)
+                      threads=args.threads, force=args.force,
+                      task_questions=args.task_questions)
     return 0
 
 

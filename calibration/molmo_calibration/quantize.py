@@ -2,7 +2,8 @@
 
     load fp32 manifest ─► calibration set ─► real Molmo preprocessing ─► fp32 reference traces
       ─► quantize each graph (recipes.RECIPES[target]) ─► run the quantized chain on the
-      held-out samples ─► quality_report.{json,md} ─► thresholds ─► manifest, committed last
+      held-out samples ─► (shapes-task models: task accuracy, fp32 vs quantized)
+      ─► quality_report.{json,md} ─► thresholds ─► manifest, committed last
 
 Everything is written into a staging folder and moved into place at the end
 (molmo_export.export.artifact_dir.ArtifactWriter), so an interrupted or failed run never leaves a
@@ -11,6 +12,7 @@ folder that looks complete, and a failed quality gate leaves `out_dir` as it was
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -34,8 +36,14 @@ from molmo_calibration.evaluate import (
 )
 from molmo_calibration.ort_quant import quantize_for_ort
 from molmo_calibration.qdq import quantize_qdq_int8, strip_activation_qdq
+from molmo_calibration.shapes.gate import (
+    DEFAULT_QUESTIONS,
+    compare_task,
+    is_shapes_model,
+    manifest_over,
+)
 from molmo_calibration.smoothquant import smooth_model
-from molmo_calibration.recipes import RECIPES, Method, Target, TargetRecipe
+from molmo_calibration.recipes import RECIPES, TASK_MAX_DROP, Method, Target, TargetRecipe
 from molmo_calibration.report import (
     DecoderStats,
     QualityError,
@@ -64,13 +72,16 @@ def quantize_artifact(src_artifact_dir: str | os.PathLike[str], out_dir: str | o
                       allow_degraded: bool = False, progress: bool = True,
                       max_samples: int | None = None, new_tokens: int = DEFAULT_NEW_TOKENS,
                       thresholds: Thresholds = Thresholds(), threads: int | None = None,
-                      force: bool = False, log: Log = print) -> QualityReport:
+                      force: bool = False, task_questions: int | None = None,
+                      log: Log = print) -> QualityReport:
     """Quantize the fp32 artifact in `src_artifact_dir` for `target` into `out_dir`.
 
     target: "ort-int8" | "ort-int4" (ONNX Runtime CPU) | "trt-int8-qdq" (QDQ graphs for a
     TensorRT int8 engine build, written to onnx/qdq/ beside the fp32 graphs).
     Raises QualityError (with the numbers) when the quantized model is below `thresholds`,
     unless allow_degraded (then it warns and writes the artifact, marked as degraded).
+    task_questions: held-out shapes questions for the task gate (None: 600 for a model trained
+    on the shapes task, none for others; 0: skip it).
     """
     from molmo_export.export.artifact_dir import OutputLock
 
@@ -85,7 +96,7 @@ def quantize_artifact(src_artifact_dir: str | os.PathLike[str], out_dir: str | o
         return quantize_prepared(src, out_dir, recipe.target, samples, record,
                                  allow_degraded=allow_degraded, progress=progress,
                                  new_tokens=new_tokens, thresholds=thresholds, threads=threads,
-                                 force=force, log=log)
+                                 force=force, task_questions=task_questions, log=log)
 
 
 def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Target,
@@ -93,7 +104,8 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
                       allow_degraded: bool = False, progress: bool = True,
                       new_tokens: int = DEFAULT_NEW_TOKENS,
                       thresholds: Thresholds = Thresholds(), threads: int | None = None,
-                      force: bool = False, log: Log = print) -> QualityReport:
+                      force: bool = False, task_questions: int | None = None,
+                      log: Log = print) -> QualityReport:
     """quantize_artifact on samples that are already preprocessed (tests, custom pipelines)."""
     from molmo_export.export.artifact_dir import WORK, ArtifactWriter
 
@@ -115,6 +127,18 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
         ref = [run_sample(job.fp32, s, new_tokens) for s in held]
         files = job.quantize_encoders(cal)
         report = job.choose_decoder(files, cal, held, ref, new_tokens, thresholds, calibration)
+        _copy_unchanged_files(src, recipe, writer.staging)
+        if task_questions is None:
+            task_questions = DEFAULT_QUESTIONS if is_shapes_model(src) else 0
+        if task_questions:
+            step(f"task accuracy: fp32 and {recipe.target}, {task_questions} held-out questions")
+            raw = _manifest(src, recipe, report, calibration)
+            if recipe.qdq_dir:  # the QDQ graphs TensorRT builds from, run in ORT
+                raw["graphs"] = raw["graphs_qdq"]
+            task = compare_task(src.directory, manifest_over(writer.staging, raw),
+                                TASK_MAX_DROP[recipe.target], task_questions, threads)
+            report = dataclasses.replace(report, task=task, failures=thresholds.failures(
+                report.stages, report.decoder, task))
         (writer.staging / REPORT_JSON).write_text(report.to_json())
         (writer.staging / REPORT_MD).write_text(report.to_markdown())
         log(report.to_markdown())
@@ -126,7 +150,6 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
                                    "representative calibration set, another target, or "
                                    "--allow-degraded to keep it anyway.", report)
             warnings.warn(message + " (kept: --allow-degraded)", QualityWarning, stacklevel=2)
-        _copy_unchanged_files(src, recipe, writer.staging)
         shutil.rmtree(scratch)
         writer.commit(_manifest(src, recipe, report, calibration))
     except BaseException:
@@ -285,6 +308,10 @@ def _fp32_manifest(src_dir: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(
             f"{src.directory} is a {src.target!r} artifact; quantize an fp32 one "
             "(molmo-export --target onnx or ort-fp32)")
+    if src.decoder_flavour != "portable":  # the fused decoder is made quantized from weights
+        raise ArtifactError(
+            f"{src.directory} holds the decoder made for ONNX Runtime; quantize a portable "
+            "artifact (molmo-export --target onnx, or --decoder portable)")
     missing = {VISION_ENCODER, CONNECTOR, DECODER} - set(src.graphs)
     if missing:
         raise ArtifactError(f"{src.directory}: manifest lists no {', '.join(sorted(missing))} "

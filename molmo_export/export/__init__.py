@@ -3,6 +3,7 @@
     load model ─► vision_encoder.onnx ─► connector.onnx ─► decoder.onnx ─► embed_tokens.npy
       ─► tokenizer/ + processor.json ─► manifest.json ─► verify (ORT vs PyTorch)
       ─► [ort-int8 / ort-int4 / trt-int8: molmo_calibration]  ─► [trt-*: engines/*.plan]
+      ─► [ort-*: the decoder made for ONNX Runtime replaces the portable one (fused_artifact)]
 
 Importing this module does not import torch: `--from-onnx` (building TensorRT engines on the
 target device from an existing artifact) works on machines without PyTorch.
@@ -21,6 +22,8 @@ from typing import Any
 from molmo_runtime.errors import MolmoError
 
 TARGETS = ("onnx", "ort-fp32", "ort-int8", "ort-int4", "trt-fp16", "trt-int8")
+FUSED_TARGETS = ("ort-fp32", "ort-int8", "ort-int4")  # get graph_io's "ort" decoder flavour
+DECODER_CHOICES = ("auto", "portable")
 QUANTIZED_TARGETS = {"ort-int8": "ort-int8", "ort-int4": "ort-int4", "trt-int8": "trt-int8-qdq"}
 
 
@@ -49,7 +52,8 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
                     allow_degraded: bool = False, progress: bool = True,
                     keep_fp32: str | os.PathLike[str] | None = None,
                     log: Callable[[str], None] = print,
-                    trt_options: Mapping[str, Any] | None = None) -> Path:
+                    trt_options: Mapping[str, Any] | None = None,
+                    decoder: str = "auto") -> Path:
     """Export `model` (a checkpoint directory or a preset name such as "demo") for `target`.
 
     Returns the artifact directory. See the README for what each target produces. The output
@@ -58,10 +62,15 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
     `keep_fp32` (a new or empty folder, or an artifact to replace); only `out` is written.
     trt_options: keyword arguments of molmo_export.trt.build_engines (max_prompt_len,
     workspace_gb, timing_cache, builder_optimization_level) for trt-* targets.
+    decoder: "auto" gives the ort-* targets the decoder made for ONNX Runtime where the model
+    allows it (docs/fused_decoder.md); "portable" keeps the plain-op decoder everywhere.
     """
     from molmo_export.export.artifact_dir import WORK, OutputLock
 
     check_target(target)
+    if decoder not in DECODER_CHOICES:
+        raise MolmoError(f"--decoder {decoder!r}: choose one of {', '.join(DECODER_CHOICES)}")
+    fused = decoder == "auto" and target in FUSED_TARGETS and not from_onnx
     out = Path(out)
     quantized = target in QUANTIZED_TARGETS
     if keep_fp32 is not None and not quantized:
@@ -77,9 +86,11 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
             fp32_out = Path(keep_fp32) if keep_fp32 is not None else \
                 out / WORK / "fp32" if quantized else out
             try:
+                # a fused fp32 artifact is verified against PyTorch after the swap, below
                 export_onnx_artifact(model, fp32_out, target="onnx" if quantized else target,
                                      max_crops=max_crops, max_seq_len=max_seq_len, opset=opset,
-                                     force=force, verify=verify, progress=progress, log=log)
+                                     force=force, verify=verify and not (fused and not quantized),
+                                     progress=progress, log=log)
                 if quantized:
                     from molmo_calibration import quantize_artifact
 
@@ -90,11 +101,26 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
             finally:
                 if quantized and keep_fp32 is None:
                     shutil.rmtree(out / WORK, ignore_errors=True)
+            if fused:
+                _fuse(model, out, verify and not quantized, log)
         if target.startswith("trt-"):
             from molmo_export.trt.builder import build_engines
 
             build_engines(out, target, progress=progress, **dict(trt_options or {}))
     return out
+
+
+def _fuse(model: str | os.PathLike[str], out: Path, verify: bool,
+          log: Callable[[str], None]) -> None:
+    from molmo_export.export.fused_artifact import fuse_decoder
+    from molmo_export.export.onnx_export import resolve_checkpoint
+    from molmo_export.export.tensor_source import CheckpointTensors
+
+    manifest = fuse_decoder(out, CheckpointTensors(resolve_checkpoint(model)), log=log)
+    if verify and manifest.decoder_flavour == "ort":
+        from molmo_export.verify import verify_artifact
+
+        verify_artifact(out, model, log=log)
 
 
 def export_environment() -> dict[str, Any]:

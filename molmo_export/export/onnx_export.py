@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from molmo_export import __version__
-from molmo_export.config import RANDOM_WEIGHT_PRESETS, MolmoConfig
+from molmo_export.config import BUILTIN_PRESETS, MolmoConfig
 from molmo_export.export import export_environment, utc_now
 from molmo_export.export.artifact_dir import ArtifactWriter
 from molmo_export.export.graphs import ConnectorGraph, DecoderGraph, VisionEncoderGraph
@@ -32,7 +32,7 @@ EMBED_FILE = "embed_tokens.npy"
 
 def resolve_checkpoint(model: str | os.PathLike[str]) -> Path:
     """A checkpoint directory, or a built-in preset materialised as one."""
-    if str(model) in RANDOM_WEIGHT_PRESETS:
+    if str(model) in BUILTIN_PRESETS:
         from molmo_export.demo import materialize_preset
 
         return materialize_preset(str(model))
@@ -40,7 +40,7 @@ def resolve_checkpoint(model: str | os.PathLike[str]) -> Path:
     if not path.is_dir():
         raise MolmoError(f"--model {model}: no such directory; pass a Molmo checkpoint folder "
                          f"(config.json + *.safetensors) or one of: "
-                         f"{', '.join(RANDOM_WEIGHT_PRESETS)}")
+                         f"{', '.join(BUILTIN_PRESETS)}")
     return path
 
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified", action="store_true",
                    help="open an artifact whose export verification failed, for debugging; its "
                         "answers may be wrong (default: off, such an artifact is refused)")
+    p.add_argument("--draw", metavar="OUT.png", default=None,
+                   help="also write the image with the answer's points drawn on it (a new "
+                        "file; default: off)")
     add_debug_flag(p)
     return p
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if sampling_only and args.temperature == 0:
         parser.error(f"{'/'.join(sampling_only)} only apply when sampling: add --temperature T "
                      "(T > 0; e.g. 0.7), or drop them for greedy decoding")
+    if args.draw and not args.image:
+        parser.error("--draw needs --image")
     return run_main("molmo-run", lambda: _run(args), debug=args.debug)
 
 
@@ -88,12 +93,14 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 print(piece, end="", flush=True)
         result = stream.result
+        _draw(args, result)
         if args.json:
             print(json.dumps({"event": "result", **result_dict(result)}), flush=True)
             return 0
         print()
     else:
         result = pipe.generate(args.image, args.prompt, **kwargs)
+        _draw(args, result)
         if args.json:
             print(json.dumps(result_dict(result), indent=2))
             return 0
@@ -102,6 +109,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"point: x={pt.x:.1f} y={pt.y:.1f} px  {pt.label}")
     print(f"[{result.finish_reason}] {result.timings.summary()}", file=sys.stderr)
     return 0
+
+
+def _draw(args: argparse.Namespace, result: Any) -> None:
+    if args.draw:
+        from molmo_runtime.draw import draw_points
+
+        draw_points(args.image, result.points, args.draw)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ valid prefix; `total` is the length of attention_mask) and returns, as `present.
 the cache tensors bound to the session keep their address for the whole generation.
 `logits` are those of the last position only (prefill never pays the LM head over the image
 tokens); batches are left-padded so that the last position is every row's last token.
+
+Decoder flavours (manifest `decoder_flavour`): "portable" is the graph above, plain ONNX ops
+(TensorRT and any engine). "ort" is made for ONNX Runtime's contrib ops
+(molmo_export/export/ort_decoder.py): same inputs, but `present.{i}.*` are the past buffers
+themselves, [batch, kv_heads, cache, head_dim]: the runtime binds each present output to the
+memory of its past input and the graph writes the new K/V into it at [past, past + seq) in place.
 """
 
 from __future__ import annotations
@@ -140,9 +146,14 @@ def connector_spec(d: GraphDims) -> GraphSpec:
     )
 
 
-def decoder_spec(d: GraphDims) -> GraphSpec:
+DECODER_FLAVOURS = ("portable", "ort")
+
+
+def decoder_spec(d: GraphDims, flavour: str = "portable") -> GraphSpec:
+    if flavour not in DECODER_FLAVOURS:
+        raise ValueError(f"decoder flavour {flavour!r}; expected one of {DECODER_FLAVOURS}")
     kv_past = ("batch", d.num_kv_heads, "cache", d.head_dim)
-    kv_new = ("batch", d.num_kv_heads, "seq", d.head_dim)
+    kv_new = kv_past if flavour == "ort" else ("batch", d.num_kv_heads, "seq", d.head_dim)
     inputs = [
         TensorSpec("inputs_embeds", "float32", ("batch", "seq", d.d_model)),
         TensorSpec("attention_mask", "int64", ("batch", "total")),

@@ -75,6 +75,11 @@ class Manifest:
         return str(self.raw["target"])
 
     @property
+    def decoder_flavour(self) -> str:
+        """graph_io's decoder flavour: "portable" (plain ops) or "ort" (ONNX Runtime contrib ops)."""
+        return str(self.raw.get("decoder_flavour", "portable"))
+
+    @property
     def model_config(self) -> dict[str, Any]:
         return dict(self.raw["model"]["config"])
 

@@ -68,9 +68,10 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             (row,) = self._rows(request)  # decoupled repositories are written unbatched
-            for piece in self.pipe.stream(**row):
+            stream = self.pipe.stream(**row)
+            for piece in stream:
                 sender.send(pb_utils.InferenceResponse(self._outputs(None, piece)))
-            final = self._outputs([self.pipe.last_result], "")
+            final = self._outputs([stream.result], "")
             sender.send(pb_utils.InferenceResponse(final),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as e:  # noqa: BLE001

@@ -185,7 +185,8 @@ class TritonServer:
         with open(self.log_path, "wb") as log:
             # Its own session: stop() can find the stub processes by their process group.
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_stop_with_parent)
         try:
             self._wait_ready()
         except BaseException:
@@ -259,6 +260,18 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launching thread dies (a killed test run
+    or benchmark must not leave a server behind; Linux only, elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _group_pids(pgid: int) -> list[int]:

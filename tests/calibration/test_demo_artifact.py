@@ -17,7 +17,7 @@ from molmo_calibration.calibration_set import load_calibration_set
 from molmo_calibration.report import QualityReport
 from molmo_runtime.manifest import load_manifest
 from molmo_runtime.tolerances import TABLE
-from tests.conftest import REPO
+from tests.conftest import REPO, TASK_QUESTIONS
 
 pytestmark = pytest.mark.slow
 PHOTO = REPO / "runtime" / "molmo_runtime" / "assets" / "demo.jpg"
@@ -38,12 +38,22 @@ def test_int8_demo_quality_is_well_conditioned(
     # bound: each of the two logits may move by it); flips only at near-ties
     assert d.flip_gap_max <= 2 * error, (d.flip_gap_max, error)
     assert d.kl_mean <= TABLE["quant/int8_kl_mean"].bound(scale ** 2), d.kl_mean
+    # The trained demo's gate is decided by the task: each task within 1 point of fp32 on the
+    # same held-out questions (recipes.TASK_MAX_DROP), not by top-1 agreement.
+    assert report.task is not None and report.task.quantized["questions"] == TASK_QUESTIONS
+    assert set(report.task.failures()) <= set(report.failures)
+    assert not [f for f in report.failures if f.startswith("decoder top-1")]  # task decides
     m = load_manifest(out, verify="full")
     assert m.raw["quality"]["passed"] is report.passed  # the gate's decision is recorded
     cs = load_calibration_set("default")
     assert m.raw["calibration"] == {"set": "default", "set_sha256": cs.sha256,
                                     "samples": len(cs.split("calibration"))}
     assert report.decoder.samples == len(cs.split("heldout"))
+    if report.task.failures():
+        # measured (600 questions, docs/demo_model.md): int8 moves pointing by 1.3 points on
+        # the shipped weights, whose points do not depend on the image (guesses at near-ties)
+        pytest.xfail("int8 is more than 1 point from fp32 on the task: "
+                     + "; ".join(report.task.failures()))
 
 
 def test_int4_demo_report_is_honest(

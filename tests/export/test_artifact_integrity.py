@@ -347,7 +347,8 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def _export(out: Path, **kw: Any) -> Path:
     from molmo_export.export import export_artifact
 
-    return export_artifact("demo", "ort-int8", out, progress=False, log=lambda s: None, **kw)
+    return export_artifact("demo-random", "ort-int8", out, progress=False, log=lambda s: None,
+                           **kw)
 
 
 def test_quantized_export_stages_fp32_inside_out_and_removes_it(
@@ -369,7 +370,7 @@ def test_keep_fp32_keeps_the_intermediate_where_asked(
     from molmo_export.export import export_artifact
 
     with pytest.raises(MolmoError, match="--keep-fp32"):
-        export_artifact("demo", "ort-fp32", tmp_path / "x", keep_fp32=tmp_path / "y")
+        export_artifact("demo-random", "ort-fp32", tmp_path / "x", keep_fp32=tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -397,7 +398,7 @@ def test_an_export_that_fails_verification_is_marked_and_refused(tmp_path: Path)
     from molmo_export.demo import materialize_preset
 
     ckpt = tmp_path / "nan-ckpt"
-    shutil.copytree(materialize_preset("demo"), ckpt)
+    shutil.copytree(materialize_preset("demo-random"), ckpt)
     shard = sorted(ckpt.glob("*.safetensors"))[0]
     tensors = load_file(str(shard))
     name = next(k for k in sorted(tensors) if tensors[k].ndim == 2)
@@ -407,7 +408,7 @@ def test_an_export_that_fails_verification_is_marked_and_refused(tmp_path: Path)
     out = tmp_path / "art"
     proc = subprocess.run([sys.executable, "-m", "molmo_export.cli", "--model", str(ckpt),
                            "--target", "onnx", "--out", str(out), "--no-progress",
-                           "--max-seq-len", "256"],
+                           "--max-seq-len", "1024"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "marked as failed" in proc.stderr and "--allow-unverified" in proc.stderr

@@ -59,7 +59,8 @@ def state(model: Any) -> dict[str, Any]:
 # -- the name table ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["molmo-7b-d-0924", "molmo-7b-o-0924", "molmoe-1b-0924",
-                                  "molmo-72b-0924", "demo", "bench-0.5b"])
+                                  "molmo-72b-0924", "demo", "demo-random",
+                                  "bench-0.5b"])
 def test_table_covers_every_parameter_of_every_preset(name: str) -> None:
     cfg = get_preset(name)
     with torch.device("meta"):

@@ -1,4 +1,5 @@
-"""Random-weight presets materialised as official-layout checkpoint folders."""
+"""Built-in presets materialised as official-layout checkpoint folders: the random-weight
+demo-random (structure, determinism, cache) and the trained demo (shipped weights)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tests.conftest import golden_path
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return materialize_preset("demo", tmp_path_factory.mktemp("m") / "demo")
+    return materialize_preset("demo-random", tmp_path_factory.mktemp("m") / "demo-random")
 
 
 def keys(path: Path) -> set[str]:
@@ -38,18 +39,19 @@ def test_files_and_config_round_trip(demo_dir: Path) -> None:
             MARKER} <= names
     assert not [n for n in names if n.endswith(".partial")]
     assert json.loads((demo_dir / "config.json").read_text())["model_type"] == "molmo"
-    assert config_from_checkpoint(demo_dir) == PRESETS["demo"]  # incl. tokens from tokenizer
+    # incl. the tokens, read from the tokenizer
+    assert config_from_checkpoint(demo_dir) == PRESETS["demo-random"]
 
 
 def test_weights_use_the_official_names(demo_dir: Path) -> None:
-    """demo has the golden 7B-D tiny model's structure (2 LLM layers, 3 ViT blocks, qkv bias):
-    the very same official key set."""
+    """demo-random has the golden 7B-D tiny model's structure (2 LLM layers, 3 ViT blocks, qkv
+    bias): the very same official key set."""
     assert keys(demo_dir / "model.safetensors") == keys(golden_path("model", "model.safetensors"))
 
 
 def test_tokenizer_ids(demo_dir: Path) -> None:
     tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
-    t = PRESETS["demo"].tokens
+    t = PRESETS["demo-random"].tokens
     ids = tok.encode("<im_start><im_end><im_patch><im_col><|image|><|endoftext|>").ids
     assert ids == [t.im_start, t.im_end, t.im_patch, t.im_col, t.image, t.eos]
     text = " User: Describe thïs image. Assistant:"
@@ -62,7 +64,7 @@ def test_tokenizer_ids(demo_dir: Path) -> None:
 
 
 def test_deterministic(demo_dir: Path, tmp_path: Path) -> None:
-    again = materialize_preset("demo", tmp_path / "again")
+    again = materialize_preset("demo-random", tmp_path / "again")
     for f in ("model.safetensors", "tokenizer.json", "config.json", "full_config.json"):
         assert sha256_file(again / f) == sha256_file(demo_dir / f), f
 
@@ -87,23 +89,23 @@ def test_outputs_are_not_degenerate(demo_dir: Path) -> None:
 
 def test_cache_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOLMO_EXPORT_CACHE", str(tmp_path / "cache"))
-    first = materialize_preset("demo")
-    assert first.parent == tmp_path / "cache" and first.name.startswith("demo-v")
+    first = materialize_preset("demo-random")
+    assert first.parent == tmp_path / "cache" and first.name.startswith("demo-random-v")
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert materialize_preset("demo") == first
+    assert materialize_preset("demo-random") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    model = MolmoForConditionalGeneration.from_pretrained("demo")  # a preset name works too
-    assert model.config == PRESETS["demo"]
+    model = MolmoForConditionalGeneration.from_pretrained("demo-random")  # a preset name works
+    assert model.config == PRESETS["demo-random"]
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]
 
 
 def test_refuses_foreign_directory_and_unknown_preset(tmp_path: Path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("user data")
-    with pytest.raises(InputError, match="exists and is not a demo checkpoint"):
-        materialize_preset("demo", tmp_path / "busy")
+    with pytest.raises(InputError, match="exists and is not a demo-random checkpoint"):
+        materialize_preset("demo-random", tmp_path / "busy")
     assert (tmp_path / "busy" / "mine.txt").read_text() == "user data"
-    with pytest.raises(InputError, match="has no generated weights"):
+    with pytest.raises(InputError, match="has no built-in weights"):
         materialize_preset("molmo-7b-d-0924", tmp_path / "x")
 
 
@@ -118,7 +120,7 @@ def test_refuses_foreign_directory_and_unknown_preset(tmp_path: Path) -> None:
 ], ids=["7b-o-like", "moe-like"])
 def test_written_configs_round_trip_for_every_variant(text: MolmoTextConfig,
                                                       tmp_path: Path) -> None:
-    demo = get_preset("demo")
+    demo = get_preset("demo-random")
     cfg = demo.replace(text=text, pooling=dataclasses.replace(
         demo.pooling, projector_hidden_size=text.intermediate_size // 2))
     write_checkpoint(cfg, tmp_path)
@@ -127,6 +129,25 @@ def test_written_configs_round_trip_for_every_variant(text: MolmoTextConfig,
                                                                    cfg.text, cfg.tokens)
     model = MolmoForConditionalGeneration.from_pretrained(tmp_path)
     assert model.load_report.ok and not model.load_report.unused
+
+
+def test_trained_demo_is_the_shipped_file(tmp_path: Path) -> None:
+    """The default preset: its model.safetensors is the shipped trained file (official names,
+    nothing missing or unused), its processor carries the 112 px crop geometry end to end."""
+    from molmo_export.demo import official_shapes, trained_weights
+    from molmo_runtime.processing import MolmoProcessor
+
+    path = materialize_preset("demo", tmp_path / "demo")
+    assert sha256_file(path / "model.safetensors") == sha256_file(trained_weights("demo"))
+    assert config_from_checkpoint(path) == PRESETS["demo"]
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == \
+            official_shapes(PRESETS["demo"])
+    model = MolmoForConditionalGeneration.from_pretrained(path)
+    assert model.load_report.ok and not model.load_report.unused
+    image = MolmoProcessor.from_pretrained(path).image_processor
+    assert image.base_image_input_size == (112, 112) and image.image_token_length_w == 4
+    assert image.overlap_margins == (2, 2)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ SELF_ATOL = TABLE["self/kv_cache"].atol
 def variant(text: MolmoTextConfig) -> Any:
     """A demo-sized model with the given decoder variant and deterministic random weights."""
     torch.manual_seed(0)
-    cfg = get_preset("demo")
+    cfg = get_preset("demo-random")
     cfg = cfg.replace(text=text, pooling=dataclasses.replace(
         cfg.pooling, projector_hidden_size=text.intermediate_size // 2))
     model = MolmoForConditionalGeneration(cfg)
@@ -38,7 +38,7 @@ def variant(text: MolmoTextConfig) -> Any:
     return model.eval().requires_grad_(False)
 
 
-DEMO_TEXT = get_preset("demo").text
+DEMO_TEXT = get_preset("demo-random").text
 VARIANTS = {
     "7b-d (GQA, qkv bias)": DEMO_TEXT,
     "7b-o (post-norm, QK-norm, MHA)": MolmoTextConfig(
@@ -54,7 +54,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = materialize_preset("demo", tmp_path_factory.mktemp("demo") / "ck")
+    path = materialize_preset("demo-random", tmp_path_factory.mktemp("demo") / "ck")
     return MolmoForConditionalGeneration.from_pretrained(path)
 
 

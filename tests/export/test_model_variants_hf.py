@@ -28,7 +28,7 @@ D, HEADS, KV, HD, I_HALF = 64, 4, 2, 16, 48
 
 
 def ours_for(text: MolmoTextConfig) -> Any:
-    return MolmoTextModel(get_preset("demo").replace(text=text)).eval().requires_grad_(False)
+    return MolmoTextModel(get_preset("demo-random").replace(text=text)).eval().requires_grad_(False)
 
 
 def randomize(module: Any, seed: int) -> None:

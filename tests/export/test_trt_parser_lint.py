@@ -184,7 +184,7 @@ def test_int8_qdq_graphs_pass_the_lint(demo_artifact: Path, tmp_path: Path) -> N
     shutil.copytree(demo_artifact, src)
     out = tmp_path / "demo-int8"
     quantize_artifact(src, out, target="trt-int8-qdq", allow_degraded=True, progress=False,
-                      max_samples=2, log=lambda s: None)
+                      max_samples=2, task_questions=0, log=lambda s: None)
     m = load_manifest(out, verify="none")
     qdq = {g: m.path(e["file"]) for g, e in m.raw["graphs_qdq"].items()}
     assert qdq

@@ -60,18 +60,18 @@ def test_7b_d_profiles() -> None:
 
 
 def test_demo_profiles_and_settings() -> None:
-    d = preset_dims("demo", max_crops=4, max_seq_len=256)
+    d = preset_dims("demo-random", max_crops=4, max_seq_len=256)
     specs = all_graph_specs(d)
     s = ProfileSettings(max_batch=2, opt_crops=3, max_prompt_len=192, opt_prompt_len=100,
                         opt_decode_total=64)
     (vision,) = graph_profiles(specs[VISION_ENCODER], d, s)
     assert vision.shapes["images"] == ((1, 576, 588), (3, 576, 588), (5, 576, 588))
     prefill, decode = graph_profiles(specs[DECODER], d, s)
-    hidden = get_preset("demo").text.hidden_size
+    hidden = get_preset("demo-random").text.hidden_size
     assert prefill.shapes["inputs_embeds"] == ((1, 1, hidden), (1, 100, hidden), (2, 192, hidden))
     assert prefill.shapes["attention_mask"] == ((1, 1), (1, 100), (2, 256))
     assert decode.shapes["attention_mask"] == ((1, 1), (1, 64), (2, 256))
-    kv = get_preset("demo").text
+    kv = get_preset("demo-random").text
     assert decode.shapes[past_key_name(1)] == (
         (1, kv.num_kv_heads, 256, kv.head_dim), (1, kv.num_kv_heads, 256, kv.head_dim),
         (2, kv.num_kv_heads, 256, kv.head_dim))
@@ -79,7 +79,7 @@ def test_demo_profiles_and_settings() -> None:
 
 def test_runtime_picks_the_profile_the_builder_meant() -> None:
     """The runner's profile choice (trt_buffers.select_profile) on the builder's profiles."""
-    d = preset_dims("demo", max_crops=4, max_seq_len=256)
+    d = preset_dims("demo-random", max_crops=4, max_seq_len=256)
     spec = all_graph_specs(d)[DECODER]
     profiles = [p.shapes for p in graph_profiles(spec, d)]
     cache = (1, d.num_kv_heads, 256, d.head_dim)
@@ -105,7 +105,7 @@ def test_runtime_picks_the_profile_the_builder_meant() -> None:
     (ProfileSettings(opt_decode_total=0), "invalid profile range"),
 ])
 def test_bad_settings_are_named(settings: ProfileSettings, words: str) -> None:
-    d = preset_dims("demo")
+    d = preset_dims("demo-random")
     with pytest.raises(InputError, match=words):
         all_profiles(all_graph_specs(d), d, settings)
 
@@ -120,7 +120,7 @@ def test_apply_profiles_sets_every_input(monkeypatch: pytest.MonkeyPatch) -> Non
     from tests.gpu import fake_trt
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.make_module(fake_trt.FakeCuda()))
-    d = preset_dims("demo", max_crops=4, max_seq_len=64)
+    d = preset_dims("demo-random", max_crops=4, max_seq_len=64)
     spec = all_graph_specs(d)[DECODER]
     profiles = graph_profiles(spec, d)
     builder = fake_trt.Builder(fake_trt.Logger())

@@ -62,7 +62,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from molmo_export.export import export_artifact
 
     out = tmp_path_factory.mktemp("trt") / "demo"
-    export_artifact(model="demo", target="onnx", out=out, max_seq_len=512, progress=False)
+    export_artifact(model="demo-random", target="onnx", out=out, max_seq_len=512, progress=False)
     return Path(out)
 
 
@@ -162,10 +162,11 @@ def _steps(b: TrtBackend, embeds: np.ndarray, prompt: int, chunk: int | None = N
     length = embeds.shape[1]
     mask = np.ones((1, length), np.int64)
     positions = np.arange(length)[None]
-    b.start(1)
-    out = [prefill(b, embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt], chunk)]
-    for t in range(prompt, length):
-        out.append(b.decode(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]))
+    with b.new_state(1) as state:
+        out = [prefill(state, embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt],
+                       chunk or b.max_prefill_tokens)]
+        for t in range(prompt, length):
+            out.append(state.decode(embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]))
     return out
 
 

@@ -214,12 +214,15 @@ def write_tiny_artifact(out: Path, dims: GraphDims | None = None) -> Path:
     for name, m in models.items():
         (out / specs[name].file).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(m, str(out / specs[name].file))
+    embed = np.random.default_rng(3).standard_normal((d.vocab_rows, d.d_model))
+    np.save(out / "embed_tokens.npy", embed.astype(np.float32))
     files = {s.file: file_record(out, s.file) for s in specs.values()}
+    files["embed_tokens.npy"] = file_record(out, "embed_tokens.npy")
     write_manifest(out, {
         "exporter_version": "test", "target": "onnx", "model": {"config": {"name": "tiny"}},
         "dims": d.to_dict(), "graphs": {n: s.to_dict() for n, s in specs.items()},
-        "special_tokens": {}, "max_crops": d.max_crops, "max_seq_len": d.max_seq_len,
-        "files": files})
+        "special_tokens": {"eos": 0}, "has_tokenizer": False, "max_crops": d.max_crops,
+        "max_seq_len": d.max_seq_len, "files": files})
     return out
 
 

@@ -19,7 +19,7 @@ from molmo_runtime.backends.base import Backend, DecodeState, check_cache_size
 from molmo_runtime.embedding import EmbeddingTable, add_image_tokens
 from molmo_runtime.errors import ArtifactError, InputError, MolmoError
 from molmo_runtime.graph_io import GraphDims
-from molmo_runtime.manifest import Manifest
+from molmo_runtime.manifest import Manifest, file_record
 from molmo_runtime.pipeline import MolmoPipeline
 
 V = 32
@@ -77,7 +77,8 @@ def _fake_pipe(tmp_path: Path) -> MolmoPipeline:
     np.save(tmp_path / "embed_tokens.npy", np.eye(V, dtype=np.float32))
     dims = GraphDims(576, 588, 8, 4, V, 1, 1, 4, V, max_crops=12, max_seq_len=64)
     raw = {"dims": dims.to_dict(), "special_tokens": {"eos": EOS}, "max_seq_len": 64,
-           "max_crops": 12, "graphs": {}, "files": {}}
+           "max_crops": 12, "graphs": {},
+           "files": {"embed_tokens.npy": file_record(tmp_path, "embed_tokens.npy")}}
     return MolmoPipeline(Manifest(tmp_path, raw), CountingBackend(), LetterProcessor())
 
 

@@ -17,6 +17,10 @@ from molmo_runtime.pipeline import MolmoPipeline
 from tests.conftest import REPO
 
 PHOTO = REPO / "runtime" / "molmo_runtime" / "assets" / "demo.jpg"
+SHAPES = REPO / "runtime" / "molmo_runtime" / "assets" / "shapes.png"
+# The bundled shapes image (assets/LICENSE.md says how it was drawn): the red circle's centre
+# and radius in pixels.
+RED_CIRCLE = (98.9, 81.7, 16.0)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,8 @@ def test_generate_from_a_photo(pipe: MolmoPipeline) -> None:
     assert len(result.token_ids) == 12 or result.finish_reason == "eos"
     t = result.timings
     assert t.vision_ms > 0 and t.connector_ms > 0 and t.prefill_ms > 0
-    assert t.prompt_tokens > 300  # BOS + image block (>= 316 tokens with max_crops 12) + text
+    # BOS + image block + text, as the processor counts them without pixels
+    assert t.prompt_tokens == pipe.processor.num_prompt_tokens("Point to the cat.", (300, 451))
     assert len(t.decode_ms) == len(result.token_ids) - 1
 
 
@@ -86,6 +91,24 @@ def test_molmo_run_cli_prints_json(demo_artifact: Path) -> None:
     out = json.loads(proc.stdout)
     assert set(out) == {"text", "token_ids", "points", "finish_reason", "timings"}
     assert out["timings"]["ttft_ms"] > 0
+
+
+def test_trained_demo_points_at_the_red_circle(demo_artifact: Path, tmp_path: Path) -> None:
+    """What `make demo` shows: the answer, its point in pixels on the red circle, the picture."""
+    out = tmp_path / "points.png"
+    proc = subprocess.run([sys.executable, "-m", "molmo_runtime.cli", str(demo_artifact),
+                           "--image", str(SHAPES), "--prompt", "Point to the red circle.",
+                           "--max-new-tokens", "64", "--draw", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text, point_line = proc.stdout.splitlines()[:2]
+    assert text.strip().startswith("<point ") and 'alt="red circle"' in text
+    x, y = (float(v.split("=")[1]) for v in point_line.split()[1:3])
+    assert out.stat().st_size > 0
+    cx, cy, r = RED_CIRCLE
+    if (x - cx) ** 2 + (y - cy) ** 2 >= r**2:
+        pytest.xfail(f"the point ({x:.1f}, {y:.1f}) is off the red circle: the shipped demo "
+                     "weights (a 300-step CPU run) do not use the image yet (docs/demo_model.md)")
 
 
 def test_molmo_run_cli_error_is_one_line(tmp_path: Path) -> None:

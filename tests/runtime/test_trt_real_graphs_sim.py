@@ -77,14 +77,15 @@ def test_decoder_chunked_prefill_and_decode(engines: tuple[fake_trt.FakeCuda, Ma
         embeds = _prompt(m, length, seed)
         mask = np.ones((1, length), np.int64)
         positions = np.arange(length, dtype=np.int64)[None]
-        for b in (trt, ref):
-            b.start(1)
-        got = prefill(trt, embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt])
-        close(got, ref.decode(embeds[:, :prompt], mask[:, :prompt], positions[:, :prompt]))
-        for t in range(prompt, length):
-            step = (embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1])
-            close(trt.decode(*step), ref.decode(*step))
-        assert trt.cache_length == ref.cache_length == length
+        with trt.new_state(1) as got_state, ref.new_state(1) as want_state:
+            got = prefill(got_state, embeds[:, :prompt], mask[:, :prompt],
+                          positions[:, :prompt], trt.max_prefill_tokens)
+            close(got, want_state.decode(embeds[:, :prompt], mask[:, :prompt],
+                                         positions[:, :prompt]))
+            for t in range(prompt, length):
+                step = (embeds[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1])
+                close(got_state.decode(*step), want_state.decode(*step))
+            assert got_state.length == want_state.length == length
     if cuda_graph:
         assert len(cuda.graphs) == 4 and cuda.launches > 0  # buckets 48, 64, 16, 32
     trt.close()
@@ -105,13 +106,20 @@ def test_pipeline_on_the_simulated_engines(engines: tuple[fake_trt.FakeCuda, Man
         pipe = MolmoPipeline.from_dir(m.directory, backend=name)  # type: ignore[arg-type]
         assert pipe.backend.name == name
         if name == "ort":  # record ORT's logits, to know where greedy choices are clear
-            decode = pipe.backend.decode
+            new_state = pipe.backend.new_state
 
-            def recording(*a: np.ndarray, decode=decode) -> np.ndarray:  # type: ignore[no-untyped-def]
-                logits.append(decode(*a))
-                return logits[-1]
+            def recording_state(batch: int, new_state=new_state):  # type: ignore[no-untyped-def]
+                state = new_state(batch)
+                decode = state.decode
 
-            pipe.backend.decode = recording  # type: ignore[method-assign]
+                def recording(*a: np.ndarray) -> np.ndarray:
+                    logits.append(decode(*a))
+                    return logits[-1]
+
+                state.decode = recording  # type: ignore[method-assign]
+                return state
+
+            pipe.backend.new_state = recording_state  # type: ignore[method-assign]
         results[name] = pipe.generate(image, "Point to the cat.", max_new_tokens=6)
     assert results["trt"].timings.prompt_tokens > MAX_PROMPT  # it was chunked
     got, want = results["trt"].token_ids, results["ort"].token_ids

@@ -318,12 +318,13 @@ def test_prompt_longer_than_the_profile_is_prefilled_in_chunks(
     b = backend(art)
     assert b.max_prefill_tokens == 16  # build_engines(max_prompt_len=16)
     embeds, mask, positions = _inputs(2, 23, [0, 4], seed=6)
-    b.start(2)
-    logits = prefill(b, embeds[:, :21], mask[:, :21], positions[:, :21])  # 16 + 5
-    assert b.cache_length == 21
     ref = art / "onnx" / "decoder.onnx"
-    want = decoder_reference(ref, DIMS, embeds[:, :21], mask[:, :21], positions[:, :21])
-    assert rel_err(logits, want) < FP16_REL
-    logits = b.decode(embeds[:, 21:22], mask[:, :22], positions[:, 21:22])
+    with b.new_state(2) as state:
+        logits = prefill(state, embeds[:, :21], mask[:, :21], positions[:, :21],  # 16 + 5
+                         b.max_prefill_tokens)
+        assert state.length == 21
+        want = decoder_reference(ref, DIMS, embeds[:, :21], mask[:, :21], positions[:, :21])
+        assert rel_err(logits, want) < FP16_REL
+        logits = state.decode(embeds[:, 21:22], mask[:, :22], positions[:, 21:22])
     assert rel_err(logits, decoder_reference(ref, DIMS, embeds[:, :22], mask[:, :22],
                                              positions[:, :22])) < FP16_REL

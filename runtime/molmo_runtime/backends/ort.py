@@ -9,6 +9,9 @@ Threads: an ORT InferenceSession serves concurrent run() calls, so the sessions 
 each generation gets its own cache and IOBinding (_OrtState). Finished generations hand their
 cache back to a small pool, so sequential generations reuse one allocation; N concurrent
 generations hold N caches.
+
+With the "ort" decoder flavour (graph_io) the `present.*` outputs are bound to the same arrays
+too, and the graph's GroupQueryAttention writes the new K/V in place: no copy at all.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, manifest: Manifest, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None,
+                 graphs: tuple[str, ...] = (VISION_ENCODER, CONNECTOR, DECODER),
+                 profile_prefix: str | None = None) -> None:
         ort: Any = require("onnxruntime", "ort", "the ONNX Runtime backend")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
@@ -52,15 +57,19 @@ class OrtBackend(Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if profile_prefix:  # ORT's profiler (benchmarks count the nodes a step runs)
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         self.providers = providers or default_providers()
         self.dims = manifest.dims
-        graphs = manifest.graphs
+        specs = manifest.graphs
         self._sessions = {
-            name: ort.InferenceSession(str(manifest.graph_path(graphs[name])), options,
+            name: ort.InferenceSession(str(manifest.graph_path(specs[name])), options,
                                        providers=self.providers)
-            for name in (VISION_ENCODER, CONNECTOR, DECODER)
+            for name in graphs  # all three, or a subset for tools that check one graph
         }
-        spec = graphs[DECODER]
+        spec = specs[DECODER]
+        self._in_place = manifest.decoder_flavour == "ort"
         self._past_names = [t.name for t in spec.inputs[3:]]
         self._output_names = [t.name for t in spec.outputs]
         # Idle caches of finished generations, reused by the next ones (flat memory over many
@@ -68,6 +77,10 @@ class OrtBackend(Backend):
         self._pool: list[list[np.ndarray]] = []
         self._pool_lock = threading.Lock()
         self._state: _OrtState | None = None  # the implicit state of start()/decode()
+
+    def end_profiling(self) -> str:
+        """Stop the decoder session's profiler; -> the JSON trace it wrote."""
+        return str(self._sessions[DECODER].end_profiling())
 
     def vision(self, images: np.ndarray) -> np.ndarray:
         return self._sessions[VISION_ENCODER].run(None, {"images": images})[0]
@@ -86,9 +99,12 @@ class OrtBackend(Backend):
             for i, cache in enumerate(self._pool):
                 if cache[0].shape[0] == batch:
                     return self._pool.pop(i)
-        check_cache_size(self.dims, batch, np.dtype(np.float32).itemsize)
+        # The cache's dtype is the graph's (fp16 in the fp16 graphs TensorRT builds from).
+        types = {i.name: i.type for i in self._sessions[DECODER].get_inputs()}
+        dtype = np.float16 if types[self._past_names[0]] == "tensor(float16)" else np.float32
+        check_cache_size(self.dims, batch, np.dtype(dtype).itemsize)
         shape = cache_shape(self.dims, batch)
-        return [np.zeros(shape, np.float32) for _ in self._past_names]
+        return [np.zeros(shape, dtype) for _ in self._past_names]
 
     def _return_cache(self, cache: list[np.ndarray]) -> None:
         with self._pool_lock:
@@ -103,6 +119,14 @@ class OrtBackend(Backend):
     @property
     def cache_length(self) -> int:
         return self._state.length if self._state is not None else 0
+
+    @property
+    def _cache(self) -> list[np.ndarray]:
+        """The implicit state's K/V arrays (molmo_export.verify compares them with the
+        reference's present K/V)."""
+        if self._state is None or self._state.cache is None:
+            raise InputError("no cache: call start(batch) first")
+        return self._state.cache
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                position_ids: np.ndarray) -> np.ndarray:
@@ -124,11 +148,23 @@ class _OrtState(DecodeState):
         self._binding = self._session.io_binding()
         for name, arr in zip(backend._past_names, self._cache):
             self._binding.bind_cpu_input(name, arr)  # shares the array's memory
+        self._in_place = backend._in_place
+        if self._in_place:  # present.* = the same arrays, written in place by the graph
+            names = backend._output_names
+            self._binding.bind_output(names[0])  # logits: get_outputs()[0]
+            for name, arr in zip(names[1:], self._cache):
+                self._binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape),
+                                          arr.ctypes.data)
         self._length = 0
 
     @property
     def length(self) -> int:
         return self._length
+
+    @property
+    def cache(self) -> list[np.ndarray] | None:
+        """[B, kv_heads, max_seq_len, head_dim] per K and V of each layer; None once closed."""
+        return self._cache
 
     def decode(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                position_ids: np.ndarray) -> np.ndarray:
@@ -147,15 +183,18 @@ class _OrtState(DecodeState):
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, np.float32))
         b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        b.clear_binding_outputs()  # outputs change shape with seq: let ORT allocate them
-        for name in self._backend._output_names:
-            b.bind_output(name)
+        if not self._in_place:
+            b.clear_binding_outputs()  # outputs change shape with seq: let ORT allocate them
+            for name in self._backend._output_names:
+                b.bind_output(name)
         self._session.run_with_iobinding(b)
         outputs = b.get_outputs()
-        for cache, new in zip(self._cache, outputs[1:]):
-            cache[:, :, past:past + seq] = new.numpy()  # [B, kv, seq, hd]
+        if not self._in_place:
+            for cache, new in zip(self._cache, outputs[1:]):
+                cache[:, :, past:past + seq] = new.numpy()  # [B, kv, seq, hd]
         self._length = past + seq
-        return outputs[0].numpy()[:, -1]  # [B, V]
+        # a copy: with bound outputs ORT may reuse the logits buffer in the next run
+        return np.array(outputs[0].numpy()[:, -1])  # [B, V]
 
     def close(self) -> None:
         cache, self._cache = self._cache, None
