@@ -164,11 +164,11 @@ class Verifier:
             mask = torch.ones(batch, total, dtype=torch.int64)
             pos = torch.arange(total).expand(batch, total)
             # the artifact: prefill the first past_len positions, then one call over `seq`
-            self.backend.start(batch)
-            self.backend.decode(embeds[:, :past_len].numpy(), mask[:, :past_len].numpy(),
-                                pos[:, :past_len].numpy())
-            got = self.backend.decode(embeds[:, past_len:].numpy(), mask.numpy(),
-                                      pos[:, past_len:].numpy())
+            state = self.backend.new_state(batch)  # its own KV cache, read back below
+            state.decode(embeds[:, :past_len].numpy(), mask[:, :past_len].numpy(),
+                         pos[:, :past_len].numpy())
+            got = state.decode(embeds[:, past_len:].numpy(), mask.numpy(),
+                               pos[:, past_len:].numpy())
             # the reference: the same split, its own KV handed over explicitly
             _, past = self._ref_decoder(embeds[:, :past_len], mask[:, :past_len],
                                         pos[:, :past_len], None)
@@ -176,8 +176,10 @@ class Verifier:
                                                    pos[:, past_len:], past)
             case = f"batch={batch} past={past_len} seq={seq}"
             self.results.append(compare("decode_logits", case, got, ref_logits.numpy()))
-            cache = self.backend._state._cache  # [B, kv, max_seq, hd] per K/V of each layer
+            cache = state._cache  # [B, kv, max_seq, hd] per K/V of each layer
+            assert cache is not None
             got_kv = np.stack([c[:, :, past_len:total] for c in cache])
+            state.close()
             ref_kv = np.stack([t.numpy() for kv in new_kv for t in kv])
             self.results.append(compare("present_kv", case, got_kv, ref_kv))
 

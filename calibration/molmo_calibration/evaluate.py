@@ -88,6 +88,11 @@ def session_options(threads: int | None = None) -> Any:
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # Run QDQ graphs (trt-int8) as written, DequantizeLinear then float maths, as TensorRT's
+    # INT8 kernels compute them: ORT's fused CPU kernels for QDQ pairs sum u8 x s8 products in
+    # int16 on AVX2-only CPUs and saturate (toy vision cosine 0.9975 instead of > 0.9998), which
+    # would measure this CPU, not the recipe. No effect on dynamic or MatMulNBits graphs.
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
 
 
