@@ -107,6 +107,22 @@ def quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Ta
                       force: bool = False, task_questions: int | None = None,
                       log: Log = print) -> QualityReport:
     """quantize_artifact on samples that are already preprocessed (tests, custom pipelines)."""
+    from molmo_export.export.artifact_dir import OutputLock
+
+    # Re-entrant: quantize_artifact already holds it. Its release also removes the empty work
+    # area and an --out it created, so a failed gate leaves no trace.
+    with OutputLock(out_dir):
+        return _quantize_prepared(src, out_dir, target, samples, calibration,
+                                  allow_degraded=allow_degraded, progress=progress,
+                                  new_tokens=new_tokens, thresholds=thresholds, threads=threads,
+                                  force=force, task_questions=task_questions, log=log)
+
+
+def _quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: Target,
+                       samples: Sequence[PreparedSample], calibration: dict[str, Any], *,
+                       allow_degraded: bool, progress: bool, new_tokens: int,
+                       thresholds: Thresholds, threads: int | None, force: bool,
+                       task_questions: int | None, log: Log) -> QualityReport:
     from molmo_export.export.artifact_dir import WORK, ArtifactWriter
 
     recipe = _recipe(target)
