@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from molmo_export.checkpoint import PlanEntry, Write, _open, build_plan, weight_files
-from molmo_export.config import CheckpointError, MolmoConfig, config_from_checkpoint
+from molmo_export.config import CheckpointError, MolmoConfig
+from molmo_export.weights import CheckpointWeights
 
 
 class TensorSource(Protocol):
@@ -25,50 +25,18 @@ class TensorSource(Protocol):
         ...
 
 
-def _param_shapes(cfg: MolmoConfig) -> dict[str, tuple[int, ...]]:
-    import torch
-
-    from molmo_export.model import MolmoForConditionalGeneration
-
-    with torch.device("meta"):
-        model = MolmoForConditionalGeneration(cfg)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
 class CheckpointTensors:
-    """Reads parameters straight from a checkpoint folder's safetensors, one at a time."""
+    """A TensorSource over a checkpoint folder: molmo_export.weights' lazy reader, as float32."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.config = config_from_checkpoint(self.directory)
-        plan, _ = build_plan(self.config, _param_shapes(self.config))
-        self._parts: dict[str, list[tuple[PlanEntry, Write]]] = {}
-        for entry in plan.values():
-            for w in entry.writes:
-                self._parts.setdefault(w.param, []).append((entry, w))
-        self._file: dict[str, Path] = {}
-        for path in weight_files(self.directory):
-            with _open(path) as f:
-                for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                    self._file[key] = path
+        self._weights = CheckpointWeights(directory)
+        self.directory = self._weights.directory
+        self.config = self._weights.config
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self._parts:
-            raise CheckpointError(f"no checkpoint tensor fills parameter {name}")
-        parts = self._parts[name]
-        if any(isinstance(w.index, int) for _, w in parts):  # MoE experts: one per index
-            raise CheckpointError(f"{name} is stacked from per-expert tensors")
-        # a whole tensor, rows of a fused one (q|k|v), or row ranges (the embedding's parts)
-        parts = sorted(parts, key=lambda p: p[1].index[0] if isinstance(p[1].index, tuple)
-                       else 0)
-        arrays = [self._read(entry, w) for entry, w in parts]
-        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        import torch
 
-    def _read(self, entry: PlanEntry, write: Write) -> np.ndarray:
-        if entry.official not in self._file:
-            raise CheckpointError(f"{self.directory}: tensor {entry.official} is missing")
-        with _open(self._file[entry.official]) as f:
-            part = f.get_slice(entry.official)
-            rows = write.src_rows
-            tensor = part[rows[0]:rows[1]] if rows is not None else part[:]
-        return tensor.float().numpy()  # safetensors opened for torch: bf16 checkpoints too
+        try:
+            return self._weights.get(name, torch.float32).numpy()
+        except KeyError:
+            raise CheckpointError(f"no checkpoint tensor fills parameter {name}") from None
