@@ -325,6 +325,7 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """export_artifact with the fp32 export and the quantization replaced by fake writers (the
     real ones are tested in tests/calibration); `state["fail"]` makes the quality gate fail."""
     import molmo_calibration
+    import molmo_export.export
     import molmo_export.export.onnx_export as onnx_export
 
     state: dict[str, Any] = {"fail": False}
@@ -341,6 +342,8 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     monkeypatch.setattr(onnx_export, "export_onnx_artifact", fp32)
     monkeypatch.setattr(molmo_calibration, "quantize_artifact", quantize)
+    # the fake artifacts hold no decoder to fuse (the fused decoder: test_fused_decoder.py)
+    monkeypatch.setattr(molmo_export.export, "_fuse", lambda *a, **k: None)
     return state
 
 
