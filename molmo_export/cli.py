@@ -54,7 +54,9 @@ def _export_parser() -> argparse.ArgumentParser:
                         help="export without loading the model: graphs traced with fake "
                              "weights, weights written from the checkpoint one tensor at a "
                              "time (default: for checkpoints over 4 GiB and for --dtype fp16)")
-    stream.add_argument("--no-stream", dest="stream", action="store_false")
+    stream.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="load the model and export in memory, also for a large "
+                             "checkpoint (default: as --stream says)")
     p.add_argument("--keep-fp32", metavar="DIR", default=None,
                    help="int8/int4 targets: keep the fp32 intermediate artifact in DIR (a new "
                         "or empty folder; default: built inside --out's staging area and "
