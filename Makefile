@@ -53,7 +53,8 @@ test: $(VENV)/.installed $(RT_VENV)/.installed $(TRITON_VENV)/.installed
 	if [ -n "$$failed" ]; then echo "=== make test: FAILED:$$failed"; exit 1; fi; \
 	echo "=== make test: all parts passed ($(PARTS))"
 
-PYTEST_ARGS ?= --durations=30
+# "heavy" tests (tens of minutes, several GB) run by hand: pytest -m heavy
+PYTEST_ARGS ?= --durations=30 -m "not heavy"
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q tests --ignore=tests/serving $(PYTEST_ARGS)
 

@@ -31,7 +31,7 @@ from molmo_runtime.graph_io import DECODER, GraphSpec  # noqa: E402
 from molmo_runtime.manifest import load_manifest  # noqa: E402
 from tests.conftest import exported_artifact  # noqa: E402
 
-PRESETS = ["demo", pytest.param("bench-0.5b", marks=pytest.mark.slow)]
+PRESETS = ["demo", pytest.param("bench-0.5b", marks=[pytest.mark.slow, pytest.mark.heavy])]
 
 
 def _feeds(spec: GraphSpec) -> dict[str, np.ndarray]:
