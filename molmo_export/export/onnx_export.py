@@ -160,11 +160,16 @@ def export_onnx_artifact(model: str | os.PathLike[str], out: str | os.PathLike[s
         raise
     finally:
         steps.close()
+    raise_if_verification_failed(manifest, out)
+    return Path(out)
+
+
+def raise_if_verification_failed(manifest: dict[str, Any], out: str | os.PathLike[str]) -> None:
+    """An artifact whose verification failed is committed marked as failed, then reported."""
     if manifest["verification"]["passed"] is False:
         raise MolmoError(f"{manifest['verification']['summary']}. The artifact was written to "
                          f"{out} marked as failed: the runtime refuses it unless "
                          "--allow-unverified / allow_unverified=True")
-    return Path(out)
 
 
 def _graph_entry(spec: dict[str, Any], staged: list[str]) -> dict[str, Any]:

@@ -167,6 +167,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         check_max_crops,
         checked_max_seq_len,
         graph_dims,
+        raise_if_verification_failed,
         resolve_checkpoint,
         save_embeddings,
         write_processor_files,
@@ -254,7 +255,5 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         raise
     finally:
         steps.close()
-    if manifest["verification"]["passed"] is False:
-        raise MolmoError(f"{manifest['verification']['summary']}. The artifact was written to "
-                         f"{out} marked as failed")
+    raise_if_verification_failed(manifest, out)
     return Path(out)
