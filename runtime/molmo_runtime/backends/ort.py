@@ -153,7 +153,7 @@ class _OrtState(DecodeState):
             names = backend._output_names
             self._binding.bind_output(names[0])  # logits: get_outputs()[0]
             for name, arr in zip(names[1:], self._cache):
-                self._binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape),
+                self._binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape),
                                           arr.ctypes.data)
         self._length = 0
 
