@@ -210,10 +210,12 @@ def sample_question(scene: Scene, rng: np.random.Generator,
     kinds = list(weights)
     p = np.asarray([weights[k] for k in kinds], dtype=np.float64)
     p /= p.sum()
-    while True:
+    for _ in range(1000):
         q = ask(scene, kinds[int(rng.choice(len(kinds), p=p))], rng)
         if q is not None:
             return q
+    # e.g. colour questions only, on a scene with no kind of shape that occurs exactly once
+    raise ValueError(f"no question of the kinds {kinds} applies to this scene")
 
 
 # -- the held-out set ---------------------------------------------------------------------------
