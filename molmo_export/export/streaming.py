@@ -15,6 +15,7 @@ size; the checkpoint is read in place.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -110,7 +111,15 @@ def trace_template(model: torch.nn.Module, graph: str, spec: GraphSpec, opset: i
         value.const_value = placeholder(name, params[name], None, value.dtype, value.shape)
         if not value.uses():
             g.initializers.pop(name)
-    program.optimize()
+    # The constant folder logs a warning for every weight it cannot read: here all of them
+    # are checkpoint references by design, so those lines would only bury the progress bar.
+    folder_log = logging.getLogger("onnxscript.optimizer")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
+    try:
+        program.optimize()
+    finally:
+        folder_log.setLevel(level)
     return ir.to_proto(program.model)
 
 
