@@ -66,3 +66,25 @@ def test_embeddings_by_rows_are_the_file_np_save_writes(tmp_path: Path) -> None:
     np.save(tmp_path / "whole.npy", table)
     save_embeddings_by_rows(weights, tmp_path / "rows.npy", block_bytes=table.shape[1] * 4 * 100)
     assert (tmp_path / "rows.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+
+
+def test_checkpoint_blocks_assemble_what_the_reader_reads() -> None:
+    """The exporter's glue: a template location (weight, optional transpose) -> RowBlocks whose
+    blocks, stacked (and transposed as the location asks), are the array the reader returns."""
+    import numpy as np
+
+    from molmo_export.export.streaming import WEIGHT_LOCATION, checkpoint_blocks, checkpoint_reader
+
+    weights = CheckpointWeights(resolve_checkpoint("demo"))
+    read = checkpoint_reader(weights)
+    head = "language_model.lm_head.weight"
+    cols = weights.shapes[head][1]
+    blocks = checkpoint_blocks(weights, above=0, block_bytes=cols * 4 * 1000)
+    for location in (WEIGHT_LOCATION + head + "|1,0", WEIGHT_LOCATION + head):
+        rb = blocks(location)
+        assert rb is not None and rb.transposed == location.endswith("|1,0")
+        assert len(rb.spans()) > 1
+        stacked = np.concatenate([rb.read(a, b) for a, b in rb.spans()])
+        np.testing.assert_array_equal(stacked.T if rb.transposed else stacked, read(location))
+    assert checkpoint_blocks(weights)(WEIGHT_LOCATION + head) is None  # small: read whole
+    assert blocks("other.onnx.data") is None
