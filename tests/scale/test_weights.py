@@ -79,7 +79,7 @@ def test_checkpoint_blocks_assemble_what_the_reader_reads() -> None:
     read = checkpoint_reader(weights)
     head = "language_model.lm_head.weight"
     cols = weights.shapes[head][1]
-    blocks = checkpoint_blocks(weights, above=0, block_bytes=cols * 4 * 1000)
+    blocks = checkpoint_blocks(weights, above=0, block_bytes=cols * 4 * 100)  # 512 rows: 6
     for location in (WEIGHT_LOCATION + head + "|1,0", WEIGHT_LOCATION + head):
         rb = blocks(location)
         assert rb is not None and rb.transposed == location.endswith("|1,0")
