@@ -67,24 +67,29 @@ def quantize_qdq_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         weights = [n.name for n in weight_matmuls(model)]
         save_model(model, named, external)
         del model
-        q.quantize_static(
-            str(named), str(dst), make_reader(feeds),
-            quant_format=q.QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_quantize=weights,
-            per_channel=True,
-            activation_type=q.QuantType.QInt8,
-            weight_type=q.QuantType.QInt8,
-            calibrate_method=q.CalibrationMethod.MinMax,
-            use_external_data_format=external,
-            extra_options={
-                "ActivationSymmetric": True,  # TensorRT: zero point 0
-                "WeightSymmetric": True,
-                "MatMulConstBOnly": True,
-                "QuantizeBias": False,
-                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # B [K, N]: per column
-            })
+        q.quantize_static(str(named), str(dst), make_reader(feeds), nodes_to_quantize=weights,
+                          use_external_data_format=external, **qdq_int8_options())
+
+
+def qdq_int8_options() -> dict[str, Any]:
+    """quantize_static's settings for TensorRT's int8 QDQ graphs (the module docstring): one
+    source for the whole-graph path and the streaming one (molmo_calibration.streaming)."""
+    q = quantization_module()
+    return dict(
+        quant_format=q.QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True,
+        activation_type=q.QuantType.QInt8,
+        weight_type=q.QuantType.QInt8,
+        calibrate_method=q.CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": True,  # TensorRT: zero point 0
+            "WeightSymmetric": True,
+            "MatMulConstBOnly": True,
+            "QuantizeBias": False,
+            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # B [K, N]: per column
+        })
 
 
 def strip_activation_qdq(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:

@@ -257,9 +257,37 @@ def _quantize_rows(template: Any, node: Any, name: str, rb: RowBlocks, bits: int
     return nodes, out
 
 
+def _qdq_weight_only_one(template: Any, node: Any, weight: Any) -> tuple[list[Any], list[Any]]:
+    """qdq.quantize_qdq_int8 + strip_activation_qdq (the trt-int8 "qdq-int8-weight-only"
+    decoder) on a model of just `node` and its weight: per-channel symmetric int8 weights do not
+    depend on the activations, so one feed of zeros stands in for the calibration data whose
+    activation Q/DQ pair is removed again."""
+    import tempfile
+
+    from molmo_calibration.qdq import quantize_qdq_int8, strip_activation_qdq
+
+    onnx = onnx_module()
+    k = weight.dims[0]  # x [1, K]: MatMul broadcasts over the leading axes the graph has
+    graph = onnx.helper.make_graph(
+        [node], "one_matmul",
+        [onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, [1, k])],
+        [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+        initializer=[weight])
+    model = onnx.helper.make_model(graph, opset_imports=list(template.opset_import),
+                                   ir_version=template.ir_version)
+    with tempfile.TemporaryDirectory(prefix="molmo-qdq-one-") as tmp:
+        one, w8a8, out = (Path(tmp) / f for f in ("one.onnx", "w8a8.onnx", "out.onnx"))
+        onnx.save_model(model, str(one))
+        del model, graph
+        quantize_qdq_int8(one, w8a8, [{node.input[0]: np.zeros((1, k), np.float32)}])
+        strip_activation_qdq(w8a8, out)
+        made = onnx.load(str(out)).graph
+        return list(made.node), list(made.initializer)
+
+
 def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path | None = None,
                 read: Reader | None = None, dtype: str = "fp32", nbits: NBits | None = None,
-                blocks: Blocks | None = None) -> Path:
+                qdq_weight_only: bool = False, blocks: Blocks | None = None) -> Path:
     """Write `template` to `dest` (+ `dest`.data), one initializer at a time; see the module
     docstring. `template` is modified (its initializers and nodes are replaced)."""
     onnx = onnx_module()
@@ -274,13 +302,21 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
             consumers[name] = consumers.get(name, 0) + 1
     to_quantize: dict[str, Any] = {}  # weight name -> its MatMul
     head: set[str] = set()
+    if nbits is not None and qdq_weight_only:
+        raise ValueError("nbits and qdq_weight_only are two ways to quantize: choose one")
     if nbits is not None:
         head = set(lm_head_nodes(template, nbits.vocab_rows))
+    if nbits is not None or qdq_weight_only:
         for node in graph.node:
             if (node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
-                    and len(node.input) > 1 and node.input[1] in inits
-                    and consumers[node.input[1]] == 1):
-                to_quantize[node.input[1]] = node
+                    and len(node.input) > 1 and node.input[1] in inits):
+                if consumers[node.input[1]] == 1:
+                    to_quantize[node.input[1]] = node
+                elif qdq_weight_only:  # quantize_static would quantize it (one DQ, all users)
+                    raise ArtifactError(
+                        f"{node.name}: its weight {node.input[1]} has {consumers[node.input[1]]} "
+                        "users; the streaming QDQ writer quantizes single-use weights only "
+                        "(none of Molmo's graphs shares one)")
     infos = _value_infos(graph)
     replaced: dict[str, list[Any]] = {}  # node name -> its replacement nodes
     casts: list[Any] = []
@@ -291,12 +327,11 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
             ext = _external_location(tensor)  # a weight, not a small constant
             node = to_quantize.get(name)
             bits = 0
-            if node is not None:
-                assert nbits is not None
+            if node is not None and nbits is not None:
                 bits = nbits.lm_head_bits if node.name in head and nbits.lm_head_bits \
                     else nbits.bits
             rb = blocks(ext["location"]) if blocks is not None and ext is not None else None
-            if rb is not None and (node is None or rb.transposed):
+            if rb is not None and (node is None or (rb.transposed and nbits is not None)):
                 if node is not None:
                     replaced[node.name], made = _quantize_rows(
                         template, node, name, rb, bits, nbits.block_size,  # type: ignore[union-attr]
@@ -312,8 +347,12 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
             if node is not None and array.ndim == 2 and array.dtype == np.float32:
                 weight = onnx.numpy_helper.from_array(array, name)
                 del array
-                nodes, made = _quantize_one(template, node, weight, bits,
-                                            nbits.block_size, infos)  # type: ignore[union-attr]
+                if qdq_weight_only:
+                    nodes, made = _qdq_weight_only_one(template, node, weight)
+                else:
+                    nodes, made = _quantize_one(template, node, weight, bits,
+                                                nbits.block_size,  # type: ignore[union-attr]
+                                                infos)
                 del weight
                 replaced[node.name] = nodes
                 new_inits.extend(data.proto(t) for t in made)

@@ -137,6 +137,7 @@ def _peak_rss_growth(mode: str, what: str, rows: int, dest: Path) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["growth"])
 
 
+@pytest.mark.slow  # six child processes writing 1.9 GB in all: ~45 s of CPU
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("what", ["int8", "fp32"])
 def test_row_blocks_bound_peak_memory(what: str, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from molmo_calibration.ort_quant import quantize_nbits  # noqa: E402
+from molmo_calibration.qdq import quantize_qdq_int8, strip_activation_qdq  # noqa: E402
 from molmo_calibration.streaming import NBits, write_graph  # noqa: E402
 from molmo_export.export.onnx_export import resolve_checkpoint  # noqa: E402
 from molmo_export.export.onnx_graph import example_input  # noqa: E402
@@ -105,6 +106,30 @@ def test_streamed_nbits_equals_ort_whole_graph_quantizer(case: Case, tmp_path: P
     ops = {n.op_type for n in onnx.load(str(from_checkpoint), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops
     feeds = _feeds(spec)
+    expected = _run(whole, feeds)
+    _assert_same(expected, _run(from_graph, feeds))
+    _assert_same(expected, _run(from_checkpoint, feeds))
+
+
+def test_streamed_weight_only_qdq_equals_the_whole_graph_quantizer(case: Case,
+                                                                   tmp_path: Path) -> None:
+    """The trt-int8 decoder's weight-only QDQ candidate (per-channel int8 weights, no activation
+    Q/DQ), three ways as above: quantize_static on the whole fp32 graph then the activation
+    pairs stripped (today), and the streaming writer from that graph and from the checkpoint."""
+    manifest = case.manifest
+    spec = manifest.graphs[DECODER]
+    fp32 = manifest.path(spec.file)
+    feeds = _feeds(spec)
+    quantize_qdq_int8(fp32, tmp_path / "w8a8" / "decoder.onnx", [feeds])
+    whole = tmp_path / "whole" / "decoder.onnx"
+    strip_activation_qdq(tmp_path / "w8a8" / "decoder.onnx", whole)
+    from_graph = write_graph(onnx.load(str(fp32), load_external_data=False),
+                             tmp_path / "graph" / "decoder.onnx", base_dir=fp32.parent,
+                             qdq_weight_only=True)
+    from_checkpoint = write_graph(case.template(DECODER), tmp_path / "checkpoint" / "decoder.onnx",
+                                  read=case.read, qdq_weight_only=True)
+    ops = [n.op_type for n in onnx.load(str(from_checkpoint), load_external_data=False).graph.node]
+    assert "DequantizeLinear" in ops and "QuantizeLinear" not in ops
     expected = _run(whole, feeds)
     _assert_same(expected, _run(from_graph, feeds))
     _assert_same(expected, _run(from_checkpoint, feeds))
