@@ -55,12 +55,8 @@ test: $(VENV)/.installed $(RT_VENV)/.installed $(TRITON_VENV)/.installed
 
 # "heavy" tests (tens of minutes, several GB) run by hand: pytest -m heavy
 PYTEST_ARGS ?= --durations=30 -m "not heavy"
-# Two pytest-xdist workers; each test file stays on one worker (tests/conftest.py: groups, and
-# a lock around each shared export). WORKERS=0 runs in one process.
-WORKERS ?= 2
 test-main: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests --ignore=tests/serving -n $(WORKERS) --dist loadgroup \
-		$(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q tests --ignore=tests/serving $(PYTEST_ARGS)
 
 test-runtime: $(RT_VENV)/.installed
 	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"

@@ -26,21 +26,6 @@ def pytest_configure(config: pytest.Config) -> None:
     cpu_durations.configure(config)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's `--dist loadgroup` (make test-main): each test file runs on one
-    worker, so its module fixtures are made once and order-dependent files (test_readme.py)
-    keep their order; the files that use the session's quantized demos share one worker, so
-    each quantization is made once."""
-    if not config.pluginmanager.hasplugin("xdist"):  # the mark is xdist's
-        return
-    quantized = {item.path for item in items
-                 if "demo_quantized" in getattr(item, "fixturenames", ())}
-    for item in items:
-        group = "demo_quantized" if item.path in quantized else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def golden_path(*parts: str) -> Path:
     """Path inside ../shared/golden; skips the calling test with a clear reason if absent."""
     p = GOLDEN.joinpath(*parts)
