@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import warnings
 from collections.abc import Callable
@@ -10,9 +11,19 @@ from typing import Any
 
 import pytest
 
+from tests import cpu_durations
+
 REPO = Path(__file__).resolve().parents[1]
 # CI puts a copy of shared/ beside the clone; MOLMO_GOLDEN overrides.
 GOLDEN = Path(os.environ.get("MOLMO_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    cpu_durations.add_option(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    cpu_durations.configure(config)
 
 
 def golden_path(*parts: str) -> Path:
@@ -47,11 +58,20 @@ def _exporter_fingerprint() -> str:
 
 
 def exported_artifact(name: str, model: str | Path, **kwargs: object) -> Path:
-    """Export `model` once into ARTIFACTS/name (target onnx, no verification) and reuse it."""
+    """Export `model` once into ARTIFACTS/name (target onnx, no verification) and reuse it.
+
+    Safe under pytest-xdist: a blocking flock on a sidecar file makes a second worker that needs
+    the same artifact wait for the first one's export (the exporter's own lock would make it
+    fail), then reuse it."""
     out = ARTIFACTS / name
     stamp = out / ".test-fingerprint"
     fingerprint = _exporter_fingerprint()
-    if (out / "manifest.json").exists() and stamp.exists() and stamp.read_text() == fingerprint:
+
+    def current() -> bool:
+        return (out / "manifest.json").exists() and stamp.exists() and \
+            stamp.read_text() == fingerprint
+
+    if current():
         return out
     try:
         import torch  # noqa: F401
@@ -60,9 +80,15 @@ def exported_artifact(name: str, model: str | Path, **kwargs: object) -> Path:
                     "torch test session first (make test-main)")
     from molmo_export.export import export_artifact
 
-    export_artifact(model, "onnx", out, force=True, verify=False, progress=False,
-                    log=lambda s: None, **kwargs)
-    stamp.write_text(fingerprint)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with open(ARTIFACTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if current():  # exported by another worker while this one waited
+            return out
+        stamp.unlink(missing_ok=True)  # a stale stamp must not vouch for a half-written export
+        export_artifact(model, "onnx", out, force=True, verify=False, progress=False,
+                        log=lambda s: None, **kwargs)
+        stamp.write_text(fingerprint)
     return out
 
 

@@ -43,14 +43,31 @@ def test_manifest_lists_every_file_with_hash(demo_artifact: Path) -> None:
     assert manifest.raw["exporter_version"] and manifest.raw["schema_version"] == 1
 
 
-def test_same_export_twice_is_byte_identical(demo_artifact: Path, tmp_path: Path) -> None:
-    again = _export_demo(tmp_path / "again")
+@pytest.fixture(scope="module")
+def reexported(demo_artifact: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Path, dict[str, int]]:
+    """A copy of the session's demo artifact with a user's file beside it, exported again in
+    place (one export serves the determinism and the in-place tests), and the inode each listed
+    file had before: the update renames new files in, so a changed inode shows a file was
+    written again, not kept."""
+    art = tmp_path_factory.mktemp("reexport") / "art"
+    shutil.copytree(demo_artifact, art)
+    (art / "notes.txt").write_text("keep me too")
+    inodes = {rel: (art / rel).stat().st_ino for rel in load_manifest(art).files}
+    _export_demo(art)
+    return art, inodes
+
+
+def test_same_export_twice_is_byte_identical(demo_artifact: Path,
+                                             reexported: tuple[Path, dict[str, int]]) -> None:
+    again, before = reexported
     a, b = load_manifest(demo_artifact).raw, load_manifest(again).raw
     for key in VOLATILE_KEYS:
         a.pop(key), b.pop(key)
     a["model"].pop("source"), b["model"].pop("source")
     assert a == b  # includes the sha256 of every file
     for rel in a["files"]:
+        assert (again / rel).stat().st_ino != before[rel], f"{rel} was not written again"
         assert (demo_artifact / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
@@ -97,7 +114,7 @@ def test_tampered_missing_and_foreign_files_are_caught(demo_artifact: Path,
 
 
 def test_refuses_foreign_folder_without_force_and_never_deletes_user_files(
-        demo_artifact: Path, tmp_path: Path) -> None:
+        reexported: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -105,10 +122,7 @@ def test_refuses_foreign_folder_without_force_and_never_deletes_user_files(
         _export_demo(out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     # an existing artifact is updated in place; the user's file beside it stays
-    art = tmp_path / "art"
-    shutil.copytree(demo_artifact, art)
-    (art / "notes.txt").write_text("keep me too")
-    _export_demo(art)
+    art, _ = reexported
     assert (art / "notes.txt").read_text() == "keep me too"
     load_manifest(art)
 
