@@ -8,10 +8,13 @@ The model is the reference MolmoForConditionalGeneration built from the `demo` c
 from the random weights molmo_export.demo draws for that config from --seed (written as an
 official checkpoint and loaded back, so the trained file has exactly the official layout).
 Inputs come from the runtime's own processor (molmo_runtime.processing), so the model is trained
-on exactly what the exported artifact will feed it. Batches mix question kinds; for the first
-`curriculum` fraction of the steps scenes hold 1-2 shapes (then 1-4). The loss is cross-entropy
-over the answer tokens (and the closing EOS) only; the LM head runs only at those positions.
-Training draws scenes from seeds that never equal the held-out set's (HELDOUT_SEED).
+on exactly what the exported artifact will feed it. A curriculum (CURRICULUM) first asks only
+colours of lone shapes (the one question the image answers at once, so the decoder learns to read
+the image tokens before it can settle on answers that ignore them), then every kind on one shape,
+then on 1-2 and finally 1-4 shapes. The loss is cross-entropy over the answer tokens (and the
+closing EOS) only, averaged per question (a one-word colour weighs as much as a 50-token point);
+the LM head runs only at those positions. Training draws scenes from seeds that never equal the
+held-out set's (HELDOUT_SEED).
 """
 
 from __future__ import annotations
@@ -44,6 +47,26 @@ from molmo_export.model import MolmoForConditionalGeneration
 TRAIN_MIX = {"point": 0.35, "point_all": 0.15, "count": 0.22, "color": 0.22, "describe": 0.06}
 IGNORE = -100
 
+# (fraction of the run's steps, most shapes a scene holds, question mix), in order. Without the
+# first phase the decoder fits the answers' wording, stops reading the image and never starts
+# again (two runs on every kind from step 0 answered the same with and without the picture).
+CURRICULUM: tuple[tuple[float, int, dict[str, float]], ...] = (
+    (0.03, 1, {"color": 1.0}),
+    (0.20, 1, TRAIN_MIX),
+    (0.25, 2, TRAIN_MIX),
+    (0.52, 4, TRAIN_MIX),
+)
+
+
+def phase_at(step: int, total: int) -> tuple[int, dict[str, float]]:
+    """(max shapes, question mix) of `step` in a run of `total` steps."""
+    end = 0.0
+    for fraction, max_shapes, mix in CURRICULUM:
+        end += fraction
+        if step < end * total:
+            return max_shapes, mix
+    return CURRICULUM[-1][1], CURRICULUM[-1][2]
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -55,7 +78,6 @@ class TrainSettings:
     projector_scale: float = 0.1  # see build_model
     warmup: int = 100
     weight_decay: float = 0.01
-    curriculum: float = 0.15  # fraction of steps with 1-2 shapes per scene
     threads: int = 1  # on a shared 2-core machine 2 OpenMP threads were 4-8x slower
 
 
@@ -103,12 +125,13 @@ class Batcher:
         inputs["labels"] = labels
         return inputs
 
-    def batch(self, scenes: int, per_scene: int, max_shapes: int) -> dict[str, torch.Tensor]:
+    def batch(self, scenes: int, per_scene: int, max_shapes: int,
+              mix: dict[str, float] = TRAIN_MIX) -> dict[str, torch.Tensor]:
         rows = []
         for k in range(scenes):
             scene, image = self.sample(max_shapes)
             for _ in range(per_scene):
-                row = self.encode(image, sample_question(scene, self.rng, TRAIN_MIX))
+                row = self.encode(image, sample_question(scene, self.rng, mix))
                 rows.append({**row, "scene": k})
         return collate(rows, pad_id=self.eos)
 
@@ -125,8 +148,8 @@ class BatchStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
 
         batcher = Batcher(MolmoProcessor.from_pretrained(self.checkpoint), self.s.seed)
         for step in range(self.steps):
-            max_shapes = 2 if step < self.s.curriculum * self.steps else 4
-            yield batcher.batch(self.s.batch_scenes, self.s.questions_per_scene, max_shapes)
+            max_shapes, mix = phase_at(step, self.steps)
+            yield batcher.batch(self.s.batch_scenes, self.s.questions_per_scene, max_shapes, mix)
 
 
 def collate(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -186,37 +209,54 @@ def answer_logits(model: MolmoForConditionalGeneration, batch: dict[str, torch.T
 
 def answer_loss(model: MolmoForConditionalGeneration, batch: dict[str, torch.Tensor]
                 ) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens."""
+    """Cross-entropy over each question's answer tokens, averaged per question, then over the
+    questions: a token-mean would let a pointing answer's ~50 predictable tokens outweigh the
+    few that depend on the image."""
     logits, targets = answer_logits(model, batch)
-    return torch.nn.functional.cross_entropy(logits, targets)
+    row = (batch["labels"] != IGNORE).nonzero()[:, 0]  # the question of each answer token
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    tokens = torch.bincount(row, minlength=len(batch["labels"])).clamp(min=1).float()
+    return (per_token / tokens[row]).sum() / len(batch["labels"])
 
 
 class Probe:
     """A fixed held-out batch (scenes from a seed training never uses) scored teacher-forced:
-    loss, and per question kind the fraction of answers whose every token is the argmax (what
-    greedy decoding would reproduce exactly). Cheap: one forward pass, no generation."""
+    loss; per question kind the fraction of answers whose every token is the argmax (what greedy
+    decoding would reproduce exactly); and the task score (molmo_calibration.shapes.score) of
+    the argmax answer, e.g. whether its point falls on the shape: a cheap stand-in for greedy
+    decoding (one forward pass, no generation), close to it once the format is learnt."""
 
     def __init__(self, processor: Any, n: int) -> None:
         batcher = Batcher(processor, HELDOUT_SEED + 1)
-        rows, self.kinds = [], []
+        self.tokenizer, self.eos = processor.tokenizer, batcher.eos
+        rows, self.items = [], []
         for scene, q in heldout_set(n, seed=HELDOUT_SEED + 1):
-            rows.append(batcher.encode(render(scene)[0], q))
-            self.kinds.append(q.kind)
+            image, labels = render(scene)
+            rows.append(batcher.encode(image, q))
+            self.items.append((scene, q, labels))
         self.batch = collate(rows, pad_id=batcher.eos)
 
     @torch.no_grad()
     def __call__(self, model: MolmoForConditionalGeneration) -> dict[str, Any]:
+        from molmo_calibration.shapes.score import score
+
         logits, targets = answer_logits(model, self.batch)
         loss = torch.nn.functional.cross_entropy(logits, targets).item()
-        hit = (logits.argmax(-1) == targets).tolist()
+        best = logits.argmax(-1)
         per_row = (self.batch["labels"] != IGNORE).sum(1).tolist()
         exact: dict[str, list[bool]] = {}
+        task: dict[str, list[bool]] = {}
         start = 0
-        for kind, n in zip(self.kinds, per_row):
-            exact.setdefault(kind, []).append(all(hit[start:start + n]))
+        for (scene, q, labels), n in zip(self.items, per_row):
+            guess = best[start:start + n]
+            exact.setdefault(q.kind, []).append(bool((guess == targets[start:start + n]).all()))
+            ids = [t for t in guess.tolist() if t != self.eos]
+            task.setdefault(q.kind, []).append(score(q, scene, labels,
+                                                     self.tokenizer.decode(ids))[1])
             start += n
         return {"loss": round(loss, 4),
-                **{k: round(sum(v) / len(v), 3) for k, v in sorted(exact.items())}}
+                "exact": {k: round(sum(v) / len(v), 3) for k, v in sorted(exact.items())},
+                "task": {k: round(sum(v) / len(v), 3) for k, v in sorted(task.items())}}
 
 
 def make_optimizer(model: MolmoForConditionalGeneration, s: TrainSettings

@@ -235,6 +235,13 @@ def verify_artifact(artifact_dir: str | os.PathLike[str],
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir, "none", allow_unverified=True)
     quantized = bool(manifest.raw.get("quantization"))
+    if manifest.unmeasured_quality:  # before loading a reference that may not fit either
+        raise MolmoError(
+            f"{artifact_dir}: nothing to verify against: {manifest.unmeasured_quality}. "
+            "molmo-verify holds a quantized artifact to the thresholds of its own quality report. "
+            "To measure one: export it without --stream where the fp32 model fits in memory "
+            "(the quality gate then runs); the stage-by-stage reference for 7B and larger "
+            "is not built yet (docs/scale.md, 'Quality at 7B')")
     if not isinstance(ref, MolmoForConditionalGeneration):
         from molmo_export.export.onnx_export import resolve_checkpoint
 

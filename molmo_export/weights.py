@@ -88,6 +88,28 @@ class CheckpointWeights:
             del src
         return out
 
+    def rows(self, name: str, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Rows [r0, r1) of parameter `name` as `dtype`, reading only those rows of the official
+        tensor(s) (the LM head, or the embeddings assembled from two official tensors); None for
+        a parameter not assembled by rows (a fused split, an expert stack)."""
+        import torch
+
+        sources = self._sources.get(name)
+        if sources is None:
+            raise KeyError(f"{name} is not a parameter of {self.config.name}")
+        if any(isinstance(w.index, int) or (w.index is None and len(sources) > 1)
+               for _, w in sources):
+            return None
+        out = torch.empty((r1 - r0, *self.shapes[name][1:]), dtype=dtype)
+        for entry, w in sources:
+            lo, hi = w.index if isinstance(w.index, tuple) else (0, self.shapes[name][0])
+            a, b = max(lo, r0), min(hi, r1)
+            if a >= b:
+                continue
+            first = (w.src_rows[0] if w.src_rows else 0) + a - lo  # in the official tensor
+            out[a - r0:b - r0].copy_(self._read(entry.official, (first, first + b - a)))
+        return out
+
     def _read(self, official: str, rows: tuple[int, int] | None) -> torch.Tensor:
         from safetensors import SafetensorError
 

@@ -15,12 +15,16 @@ so the result is the same node and the same bytes as quantizing the whole graph)
 fp16: the float weights stored outside the proto (the large ones) are stored as float16 and a
 Cast to float32 follows each one, so graph I/O and compute stay float32 (the weights' disk size
 halves; ORT folds the Casts at load). Small constants (norm weights, rotary tables) stay float32.
+blocks: a weight that `blocks` can read in row blocks (RowBlocks: the LM head and embeddings,
+5 GB each in fp32 at 72B) is never held whole: it is converted or quantized one block of its
+source's rows at a time and written to its place in the data file, so the peak is a few copies of
+one block (plus, when quantized, the per-block scales, 1/8 of the int8 output).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,26 @@ class NBits:
     block_size: int
     lm_head_bits: int | None  # the vocabulary projection's own width, where it differs
     vocab_rows: int
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """A large 2-D weight whose source [rows, cols] can be read a few rows at a time. The
+    initializer is the source itself or, `transposed`, source.T ([cols, rows]: a Linear weight
+    [out, in] used as MatMul's B [in, out])."""
+
+    rows: int
+    cols: int
+    transposed: bool
+    read: Callable[[int, int], np.ndarray]  # source rows [r0, r1) as float32 [r1 - r0, cols]
+    block_rows: int
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.block_rows, self.rows))
+                for r in range(0, self.rows, self.block_rows)]
+
+
+Blocks = Callable[[str], "RowBlocks | None"]  # external location -> row blocks (None: read whole)
 
 
 def _external_location(tensor: Any) -> dict[str, str] | None:
@@ -98,15 +122,50 @@ class _DataFile:
         array = np.require(array, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
         if array.nbytes < INLINE_BYTES:
             return onnx.numpy_helper.from_array(array, name)
-        proto = onnx.TensorProto(name=name, dims=array.shape,
-                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
         self.f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        return self._external(name, array.shape, array.dtype)
+
+    def chunks(self, name: str, shape: tuple[int, ...], dtype: Any,
+               parts: Iterable[np.ndarray]) -> Any:
+        """One tensor written as consecutive parts (its leading axis cut in pieces)."""
+        for part in parts:
+            self.f.write(memoryview(np.require(part, dtype, "C").reshape(-1).view(np.uint8)))
+        return self._external(name, shape, np.dtype(dtype))
+
+    def rows(self, name: str, rb: RowBlocks, dtype: Any) -> Any:
+        """The RowBlocks weight as `dtype`, one block of rows in memory at a time."""
+        if not rb.transposed:
+            return self.chunks(name, (rb.rows, rb.cols), dtype,
+                               (rb.read(r0, r1) for r0, r1 in rb.spans()))
+        return self._transposed_rows(name, rb, dtype)
+
+    def _transposed_rows(self, name: str, rb: RowBlocks, dtype: Any) -> Any:
+        """source.T ([cols, rows]) from row blocks of the source: each block is columns
+        [r0, r1) of the output, written row by row into place (positional writes)."""
+        itemsize = np.dtype(dtype).itemsize
+        self.f.flush()
+        fd, base = self.f.fileno(), self.offset
+        for r0, r1 in rb.spans():
+            block = np.ascontiguousarray(rb.read(r0, r1).astype(dtype, copy=False).T)
+            for k in range(rb.cols):
+                os.pwrite(fd, memoryview(block[k].view(np.uint8)),
+                          base + (k * rb.rows + r0) * itemsize)
+            del block
+        self.f.seek(base + rb.rows * rb.cols * itemsize)
+        return self._external(name, (rb.cols, rb.rows), np.dtype(dtype))
+
+    def _external(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """The TensorProto of the `shape` tensor that ends at the file's current end."""
+        onnx = onnx_module()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        proto = onnx.TensorProto(name=name, dims=shape,
+                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
         proto.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", str(self.offset)),
-                           ("length", str(array.nbytes))):
+                           ("length", str(nbytes))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += array.nbytes
+        self.offset += nbytes
         return proto
 
     def proto(self, tensor: Any) -> Any:
@@ -115,6 +174,13 @@ class _DataFile:
         if _external_location(tensor) is None and len(tensor.raw_data) < INLINE_BYTES:
             return tensor
         return self.tensor(tensor.name, onnx.numpy_helper.to_array(tensor))
+
+
+def _cast_to_fp32(name: str) -> Any:
+    """fp16 storage: `name` is computed from the stored `name`_fp16."""
+    onnx = onnx_module()
+    return onnx.helper.make_node("Cast", [name + "_fp16"], [name], name=f"Cast_{name}_to_fp32",
+                                 to=onnx.TensorProto.FLOAT)
 
 
 def _value_infos(graph: Any) -> dict[str, Any]:
@@ -142,9 +208,58 @@ def _quantize_one(template: Any, node: Any, weight: Any, bits: int, block_size: 
     return list(out.node), list(out.initializer)
 
 
+def _quantize_rows(template: Any, node: Any, name: str, rb: RowBlocks, bits: int,
+                   block_size: int, infos: dict[str, Any], data: _DataFile
+                   ) -> tuple[list[Any], list[Any]]:
+    """_quantize_one on a transposed RowBlocks weight (B = source.T, [K, N]), one block of N
+    at a time. MatMulNBits quantizes each output column (N) on its own, and every tensor it
+    makes is column-major (packed [N, k_blocks, blob], scales and zero points N * ...), so the
+    blocks' results concatenated on their leading axis are the whole weight's. The packed
+    weight is written as it is made; the smaller tensors are held until the end."""
+    onnx = onnx_module()
+    first: tuple[list[Any], list[Any]] | None = None
+    held: dict[str, list[np.ndarray]] = {}
+    packed: str | None = None
+    for r0, r1 in rb.spans():
+        weight = onnx.numpy_helper.from_array(np.ascontiguousarray(rb.read(r0, r1).T), name)
+        nodes, made = _quantize_one(template, node, weight, bits, block_size, infos)
+        del weight
+        if first is None:
+            first = nodes, made
+            packed = max(made, key=lambda t: len(t.raw_data)).name
+            start = data.offset  # the packed weight's parts follow one another from here
+        for t in made:
+            array = onnx.numpy_helper.to_array(t)
+            if array.shape[0] % (r1 - r0):
+                raise AssertionError(f"{t.name}: leading axis {array.shape[0]} is not per column")
+            if t.name == packed:
+                data.f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            else:
+                held.setdefault(t.name, []).append(array)
+    assert first is not None and packed is not None and data.offset == start
+    nodes, made = first
+    for n in nodes:  # the first block's node, made for its N columns: now for all of them
+        for a in n.attribute:
+            if a.name == "N":
+                a.i = rb.rows
+    first_columns = rb.spans()[0][1]
+    out = []
+    for t in sorted(made, key=lambda t: t.name != packed):  # the packed parts come first
+        shape = (t.dims[0] // first_columns * rb.rows, *t.dims[1:])
+        if t.name == packed:
+            out.append(data._external(t.name, shape,
+                                      onnx.helper.tensor_dtype_to_np_dtype(t.data_type)))
+        else:
+            parts = held.pop(t.name)
+            out.append(data.chunks(t.name, shape, parts[0].dtype, parts)
+                       if sum(p.nbytes for p in parts) >= INLINE_BYTES else
+                       onnx.numpy_helper.from_array(np.concatenate(parts), t.name))
+    return nodes, out
+
+
 def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path | None = None,
-                read: Reader | None = None, dtype: str = "fp32", nbits: NBits | None = None
-                ) -> Path:
+                read: Reader | None = None, dtype: str = "fp32", nbits: NBits | None = None,
+                blocks: Blocks | None = None) -> Path:
     """Write `template` to `dest` (+ `dest`.data), one initializer at a time; see the module
     docstring. `template` is modified (its initializers and nodes are replaced)."""
     onnx = onnx_module()
@@ -173,12 +288,28 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
     with atomic_path(dest.with_name(dest.name + ".data")) as tmp_data, open(tmp_data, "wb") as f:
         data = _DataFile(f, dest.name + ".data")
         for name, tensor in inits.items():
-            external = _external_location(tensor) is not None  # a weight, not a small constant
-            array = read_initializer(tensor, base_dir, read)
+            ext = _external_location(tensor)  # a weight, not a small constant
             node = to_quantize.get(name)
-            if node is not None and array.ndim == 2 and array.dtype == np.float32:
+            bits = 0
+            if node is not None:
+                assert nbits is not None
                 bits = nbits.lm_head_bits if node.name in head and nbits.lm_head_bits \
-                    else nbits.bits  # type: ignore[union-attr]
+                    else nbits.bits
+            rb = blocks(ext["location"]) if blocks is not None and ext is not None else None
+            if rb is not None and (node is None or rb.transposed):
+                if node is not None:
+                    replaced[node.name], made = _quantize_rows(
+                        template, node, name, rb, bits, nbits.block_size,  # type: ignore[union-attr]
+                        infos, data)
+                    new_inits.extend(made)
+                elif dtype == "fp16":
+                    new_inits.append(data.rows(name + "_fp16", rb, np.float16))
+                    casts.append(_cast_to_fp32(name))
+                else:
+                    new_inits.append(data.rows(name, rb, np.float32))
+                continue
+            array = read_initializer(tensor, base_dir, read)
+            if node is not None and array.ndim == 2 and array.dtype == np.float32:
                 weight = onnx.numpy_helper.from_array(array, name)
                 del array
                 nodes, made = _quantize_one(template, node, weight, bits,
@@ -187,11 +318,9 @@ def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path |
                 replaced[node.name] = nodes
                 new_inits.extend(data.proto(t) for t in made)
                 continue
-            if dtype == "fp16" and array.dtype == np.float32 and external:
+            if dtype == "fp16" and array.dtype == np.float32 and ext is not None:
                 new_inits.append(data.tensor(name + "_fp16", array.astype(np.float16)))
-                casts.append(onnx.helper.make_node("Cast", [name + "_fp16"], [name],
-                                                   name=f"Cast_{name}_to_fp32",
-                                                   to=onnx.TensorProto.FLOAT))
+                casts.append(_cast_to_fp32(name))
             else:
                 new_inits.append(data.tensor(name, array))
             del array

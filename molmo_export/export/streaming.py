@@ -15,11 +15,12 @@ size; the checkpoint is read in place.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from molmo_export.export.graphs import ConnectorGraph, DecoderGraph, VisionEncod
 from molmo_export.export.onnx_graph import trace
 from molmo_export.weights import CheckpointWeights
 from molmo_runtime.errors import MolmoError
+
+if TYPE_CHECKING:
+    from molmo_calibration.streaming import RowBlocks
 from molmo_runtime.graph_io import (
     CONNECTOR,
     DECODER,
@@ -41,6 +45,12 @@ ADAPTERS = {VISION_ENCODER: VisionEncoderGraph, CONNECTOR: ConnectorGraph, DECOD
 # Marks an initializer whose bytes come from the checkpoint (external_data "location").
 WEIGHT_LOCATION = "molmo-checkpoint:"
 SMALL_WEIGHT = 1024  # elements: onnx_ir's DeduplicateInitializersPass reads up to this size
+# Weights over BLOCKED_ABOVE fp32 bytes are read in row blocks of about BLOCK_BYTES: the LM
+# head and embeddings (2.2 GB at 7B, 5 GB at 72B) and the largest MLP weights. A weight read
+# whole costs ~6x its size at peak (int8 quantization, measured in tests/scale/test_row_blocks),
+# a blocked one ~11 blocks plus its scales: at 72B ~1.5 GB and ~0.9 GB instead of ~28 GB.
+BLOCKED_ABOVE = 256 * 2**20
+BLOCK_BYTES = 64 * 2**20
 
 
 def fake_model(cfg: MolmoConfig) -> torch.nn.Module:
@@ -101,7 +111,15 @@ def trace_template(model: torch.nn.Module, graph: str, spec: GraphSpec, opset: i
         value.const_value = placeholder(name, params[name], None, value.dtype, value.shape)
         if not value.uses():
             g.initializers.pop(name)
-    program.optimize()
+    # The constant folder logs a warning for every weight it cannot read: here all of them
+    # are checkpoint references by design, so those lines would only bury the progress bar.
+    folder_log = logging.getLogger("onnxscript.optimizer")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)
+    try:
+        program.optimize()
+    finally:
+        folder_log.setLevel(level)
     return ir.to_proto(program.model)
 
 
@@ -129,6 +147,52 @@ def checkpoint_reader(weights: CheckpointWeights) -> Callable[[str], np.ndarray 
         return out.numpy()
 
     return read
+
+
+def checkpoint_blocks(weights: CheckpointWeights, above: int = BLOCKED_ABOVE,
+                      block_bytes: int = BLOCK_BYTES) -> Callable[[str], RowBlocks | None]:
+    """location -> RowBlocks for the 2-D weights over `above` bytes (fp32) that the checkpoint
+    can read by rows (write_graph then never holds them whole), None for the others."""
+    from molmo_calibration.streaming import RowBlocks
+
+    def blocks(location: str) -> RowBlocks | None:
+        ref = weight_ref(location)
+        if ref is None:
+            return None
+        param, perm = ref
+        shape = weights.shapes[param]
+        if len(shape) != 2 or perm not in (None, (1, 0)) or weights.nbytes(param) <= above \
+                or weights.rows(param, 0, 1, torch.float32) is None:
+            return None
+        rows, cols = shape
+
+        def read(r0: int, r1: int) -> np.ndarray:
+            return weights.rows(param, r0, r1, torch.float32).numpy()  # type: ignore[union-attr]
+
+        return RowBlocks(rows, cols, perm is not None, read,
+                         block_rows=max(1, block_bytes // (cols * 4)))
+
+    return blocks
+
+
+def save_embeddings_by_rows(weights: CheckpointWeights, path: Path,
+                            block_bytes: int = BLOCK_BYTES) -> None:
+    """embed_tokens.npy (float32 [rows, D], what onnx_export.save_embeddings writes) from row
+    blocks of the checkpoint: 5 GB at 72B, never in memory at once."""
+    from molmo_runtime.fileio import atomic_path
+
+    name = "language_model.model.embed_tokens.weight"
+    rows, cols = weights.shapes[name]
+    step = max(1, block_bytes // (cols * 4))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False, "shape": (rows, cols)})
+        for r0 in range(0, rows, step):
+            block = weights.rows(name, r0, min(r0 + step, rows), torch.float32)
+            if block is None:
+                raise MolmoError(f"{name} cannot be read by rows from {weights.directory}")
+            f.write(memoryview(block.numpy().reshape(-1).view(np.uint8)))
 
 
 def checkpoint_bytes(directory: Path) -> int:
@@ -169,7 +233,6 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         graph_dims,
         raise_if_verification_failed,
         resolve_checkpoint,
-        save_embeddings,
         write_processor_files,
     )
     from molmo_export.export.onnx_graph import DEFAULT_OPSET, check_graph_file
@@ -190,6 +253,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     specs = all_graph_specs(dims)
     recipe = RECIPES[QUANTIZED_TARGETS[target]] if target in QUANTIZED_TARGETS else None
     read = checkpoint_reader(weights)
+    blocks = checkpoint_blocks(weights)
     fake = fake_model(config)
     writer = ArtifactWriter(out, force=force)
     precision: dict[str, str] = {}
@@ -202,11 +266,11 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
             template = trace_template(fake, graph, spec, opset, read)
             method = recipe.graphs[graph] if recipe else None
             if method is None:
-                write_graph(template, dest, read=read, dtype=dtype)
+                write_graph(template, dest, read=read, dtype=dtype, blocks=blocks)
                 precision[graph] = dtype
             elif method.method == "int8-dynamic":
                 scratch = writer.path(f".scratch/{graph}.onnx")
-                write_graph(template, scratch, read=read)
+                write_graph(template, scratch, read=read, blocks=blocks)
                 del template
                 quantize_dynamic_int8(scratch, dest)
                 shutil.rmtree(scratch.parent)
@@ -215,14 +279,13 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                 bits = {"int8-weight-only-nbits": 8, "int4-weight-only-nbits": 4}[method.method]
                 head = {None: None, "int8-weight-only-nbits": 8,
                         "int4-weight-only-nbits": 4}[method.lm_head]
-                write_graph(template, dest, read=read,
+                write_graph(template, dest, read=read, blocks=blocks,
                             nbits=NBits(bits, method.block_size, head, dims.vocab_rows))
                 precision[graph] = method.method
             check_graph_file(dest, spec)
             steps.update()
         steps.set_postfix_str("embeddings, tokenizer")
-        save_embeddings(weights.get("language_model.model.embed_tokens.weight",
-                                    torch.float32).numpy(), writer.path(EMBED_FILE))
+        save_embeddings_by_rows(weights, writer.path(EMBED_FILE))
         has_tokenizer = write_processor_files(checkpoint, writer.staging, max_crops, log)
         manifest = artifact_manifest(config, str(model), target if recipe is None else "onnx",
                                      precision, opset, dims, specs, max_crops, max_seq_len,

@@ -82,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
 
     pipe = MolmoPipeline.from_dir(args.artifact, backend=args.backend,
                                   allow_unverified=args.allow_unverified)
+    if pipe.manifest.unmeasured_quality:
+        print(f"molmo-run: note: {pipe.manifest.unmeasured_quality}", file=sys.stderr)
     kwargs: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, stop=args.stop, seed=args.seed)

@@ -94,6 +94,21 @@ class Manifest:
         rec = self.raw.get("verification")
         return dict(rec) if isinstance(rec, dict) else None
 
+    @property
+    def unmeasured_quality(self) -> str | None:
+        """What it means that a quantized artifact's quality was never measured (the streaming
+        export writes "quality": {"measured": false}: no fp32 reference run fits in memory);
+        None for every other artifact."""
+        quality = self.raw.get("quality")
+        if not self.raw.get("quantization") or not isinstance(quality, dict) \
+                or quality.get("measured") is not False:
+            return None
+        return (f"the quality of this {self.target} artifact was never measured "
+                f"({quality.get('reason', 'no reason recorded')}): its weights went through the "
+                "same quantizer as a measured export, but how far its answers are from the fp32 "
+                "model's is unknown, and it has no quality report or thresholds to check it "
+                "against")
+
     def path(self, relpath: str) -> Path:
         """The listed file `relpath`, resolved inside the artifact; ArtifactError otherwise."""
         if relpath not in self.raw["files"]:
