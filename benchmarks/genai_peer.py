@@ -10,7 +10,9 @@ Three steps (the builder needs onnxruntime-genai, which is installed in its own 
     /work/venv-genai/bin/python -m onnxruntime_genai.models.builder -i /tmp/peer/hf \
         -o /tmp/peer/genai-int4 -p int4 -e cpu -c /tmp/peer/cache \
         --extra_options int4_block_size=32 int4_accuracy_level=4
-    # 3. check the fp32 peer's logits against ours; time both with the same onnxruntime,
+    # 3. how the two graphs differ (ops, MatMulNBits attributes, the LM head's bits)
+    .venv/bin/python benchmarks/genai_peer.py graphs FUSED_DECODER.onnx /tmp/peer/genai-int4
+    # 4. check the fp32 peer's logits against ours; time both with the same onnxruntime,
     #    alternating step by step
     .venv/bin/python benchmarks/genai_peer.py time ARTIFACT_FP32 /tmp/peer/genai-fp32 \
         --ours FUSED_DECODER.onnx --contexts 450,1024 --rounds 3
@@ -74,6 +76,29 @@ def convert(model: str, out: str) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
               str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     print(json.dumps({"hf_folder": str(out_dir), "tensors": len(tensors)}))
+
+
+def graph_summary(path: Path) -> dict[str, Any]:
+    """Op counts, the distinct MatMulNBits settings and the LM head's, of one decoder graph."""
+    import onnx
+    from onnx.helper import get_attribute_value
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    nbits: dict[str, int] = {}
+    head = None
+    for n in g.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        if n.op_type in ("MatMulNBits", "MatMul") and "logits" in (*n.output, *n.name.split("/")) \
+                or "lm_head" in n.name:
+            head = {a.name: get_attribute_value(a) for a in n.attribute}
+            head["op"] = n.op_type
+        if n.op_type == "MatMulNBits":
+            a = {x.name: get_attribute_value(x) for x in n.attribute}
+            key = ", ".join(f"{k}={a.get(k)}" for k in ("bits", "block_size", "accuracy_level"))
+            nbits[key] = nbits.get(key, 0) + 1
+    return {"nodes": len(g.node), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            "matmulnbits": nbits, "lm_head": head}
 
 
 class GenaiDecoder:
@@ -215,6 +240,9 @@ def main() -> int:
     c = sub.add_parser("convert")
     c.add_argument("model")
     c.add_argument("out")
+    s = sub.add_parser("graphs", help="how our fused graph and the peer graph differ")
+    s.add_argument("ours", help="our fused decoder .onnx")
+    s.add_argument("genai_folder")
     t = sub.add_parser("time")
     t.add_argument("artifact", help="the portable fp32 artifact (for dims and embeddings)")
     t.add_argument("genai_folder")
@@ -227,6 +255,11 @@ def main() -> int:
     args = p.parse_args()
     if args.cmd == "convert":
         convert(args.model, args.out)
+        return 0
+    if args.cmd == "graphs":
+        peer = json.loads((Path(args.genai_folder) / "genai_config.json").read_text())
+        print(json.dumps({"ours": graph_summary(Path(args.ours)), "genai": graph_summary(
+            Path(args.genai_folder) / peer["model"]["decoder"]["filename"])}, indent=1))
         return 0
     load = os.getloadavg()
     summary = time_both(args.artifact, args.genai_folder, args.ours,
