@@ -66,7 +66,7 @@ def fuse_decoder(artifact_dir: str | os.PathLike[str], source: TensorSource | No
             build_fused_decoder(source, manifest.dims, _PRECISION[decoder_precision],
                                 writer.path(spec.file))
             check = compare_decoders(manifest.path(old[0]), writer.path(spec.file),
-                                     manifest, decoder_precision)
+                                     manifest, _PRECISION[decoder_precision])
             log(f"fused decoder vs portable ({decoder_precision}): " + ", ".join(
                 f"{k} {v:.2e}" for k, v in check.items() if isinstance(v, float)))
             raw.update(decoder_flavour="ort", decoder_check=check,

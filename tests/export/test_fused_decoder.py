@@ -13,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -104,6 +106,20 @@ def test_quantized_fused_matches_portable(precision: str, tmp_path: Path) -> Non
     assert check["same_top1"]
     ops = [n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 4 * m.dims.num_layers + 1  # qkv, o, gate|up, down; head
+
+
+@pytest.mark.parametrize("target", ["ort-int8", "ort-int4"])
+def test_fuse_decoder_replaces_a_quantized_artifacts_decoder(
+        demo_quantized: Callable[[str], tuple[Path, Any]], target: str, tmp_path: Path) -> None:
+    """What `molmo-export --target ort-int8/ort-int4` does after quantizing: the manifest's
+    precision names ("int8-weight-only-nbits") map to the builder's and the table's rows."""
+    quantized, _ = demo_quantized(target)
+    out = tmp_path / target
+    shutil.copytree(quantized, out)
+    manifest = fuse_decoder(out, log=lambda s: None)
+    assert manifest.raw["decoder_flavour"] == "ort"
+    assert manifest.raw["decoder_check"]["same_top1"]
+    load_manifest(out, verify="full")  # the rewritten artifact is whole
 
 
 def test_blockwise_quantization_roundtrip() -> None:
