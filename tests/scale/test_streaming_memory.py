@@ -86,6 +86,7 @@ def _peak_rss_growth(layers: int, how: str, dest: Path) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["growth"])
 
 
+@pytest.mark.slow  # four child processes: ~35 s of CPU for both variants
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("how", ["int4", "qdq"])
 def test_quantized_weights_are_not_retained(how: str, tmp_path: Path) -> None:
