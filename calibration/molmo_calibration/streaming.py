@@ -295,7 +295,7 @@ def _qdq_weight_only_one(template: Any, node: Any, weight: Any) -> tuple[list[An
         quantize_qdq_int8(one, w8a8, [{node.input[0]: np.zeros((1, k), np.float32)}])
         strip_activation_qdq(w8a8, out)
         made = onnx.load(str(out)).graph
-        return list(made.node), list(made.initializer)
+        return _detached(made.node), _detached(made.initializer)
 
 
 def write_graph(template: Any, dest: str | os.PathLike[str], *, base_dir: Path | None = None,
