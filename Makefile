@@ -45,7 +45,7 @@ demo: $(VENV)/.installed
 # exit status is non-zero if any failed. test-main runs first: it exports the test artifacts
 # (build/test-artifacts) that test-runtime reuses without torch.
 # The three environments are installed side by side (pip spends much of its time waiting on
-# files): ~3 min instead of ~5 on a 2-core machine.
+# downloads and files; installed one after another they took 5 min 15 s on a 2-core machine).
 PARTS := test-main test-runtime test-triton typecheck
 ENVS := $(VENV)/.installed $(RT_VENV)/.installed $(TRITON_VENV)/.installed
 test:

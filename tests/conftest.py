@@ -51,7 +51,8 @@ def _exporter_fingerprint() -> str:
 
     h = hashlib.sha256()
     for root in ("molmo_export", "runtime/molmo_runtime"):
-        for f in sorted((REPO / root).rglob("*.py")):
+        # the sources, and the shipped demo weights (a new weights file is a new artifact)
+        for f in sorted([*(REPO / root).rglob("*.py"), *(REPO / root).rglob("*.safetensors")]):
             h.update(f.relative_to(REPO).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()

@@ -5,14 +5,13 @@ embeddings are 5 GB each in fp32; read whole, quantizing the LM head peaked at ~
    (exactly), the same nodes, the same outputs, for fp32 / fp16 storage and 8- / 4-bit
    MatMulNBits, with a row count that the block size does not divide.
 2. Its peak memory is a few blocks plus what it must hold (the per-block scales), not the
-   weight: measured as the growth of the peak RSS (ru_maxrss) of a child process writing a
+   weight: measured as the growth of the peak RSS (VmHWM, tests/scale/rss.py) of a child process writing a
    268 MB and a 537 MB weight, blocked, and of the 268 MB one read whole.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from molmo_calibration.streaming import NBits, RowBlocks, write_graph  # noqa: E402
+from tests.scale import rss  # noqa: E402
+from tests.scale.rss import current_rss, peak_rss  # noqa: E402
 
 LOCATION = "source:W"
 
@@ -138,7 +139,7 @@ def _peak_rss_growth(mode: str, what: str, rows: int, dest: Path) -> int:
 
 
 @pytest.mark.slow  # six child processes writing 1.9 GB in all: ~45 s of CPU
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not rss.AVAILABLE, reason="reads /proc (Linux)")
 @pytest.mark.parametrize("what", ["int8", "fp32"])
 def test_row_blocks_bound_peak_memory(what: str, tmp_path: Path) -> None:
     """Blocked, the peak does not grow with the weight: doubling it adds only what must be held
@@ -157,13 +158,6 @@ def test_row_blocks_bound_peak_memory(what: str, tmp_path: Path) -> None:
     assert one < weight / 2
 
 
-def _current_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def _child(mode: str, what: str, rows: str, dest: str) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import (  # noqa: F401 (imported now,
         MatMulNBitsQuantizer,  # not inside the measured span)
@@ -174,10 +168,10 @@ def _child(mode: str, what: str, rows: str, dest: str) -> None:
     # warm up every code path on a small weight first (lazy imports, allocator arenas)
     write(path.with_name("warm.onnx"), 512, MEM_COLS, True, 128 if mode == "blocks" else None,
           nbits=nbits)
-    before = _current_rss()  # (not the peak so far: growth above the current size counts)
+    before = current_rss()  # (not the peak so far: growth above the current size counts)
     write(path, int(rows), MEM_COLS, True, MEM_BLOCK_ROWS if mode == "blocks" else None,
           nbits=nbits)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak_rss()
     print(json.dumps({"growth": after - before}))
 
 

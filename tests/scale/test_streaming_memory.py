@@ -6,7 +6,7 @@ with protobuf's upb backend a view keeps its whole model (float32 weight include
 memory grew by about one weight per quantized MatMul until the graph was written. The QDQ
 writer (trt-int8) kept nodes of a loaded one-node model the same way.
 
-Measured as the growth of the peak RSS (ru_maxrss) of a child process writing a graph of
+Measured as the growth of the peak RSS (VmHWM, tests/scale/rss.py) of a child process writing a graph of
 LAYERS_FEW and of LAYERS_MANY layers, each layer a MatMul read whole and one read in row blocks
 (the two ways write_graph quantizes). The extra layers may add only what write_graph must hold
 per layer (node and initializer protos: kilobytes) plus allocator noise. The noise is not
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from molmo_calibration.streaming import NBits, RowBlocks, write_graph  # noqa: E402
+from tests.scale import rss  # noqa: E402
+from tests.scale.rss import current_rss, peak_rss  # noqa: E402
 from tests.scale.test_row_blocks import source_rows  # noqa: E402
 
 K, N = 2048, 2048  # the MatMul read whole: 16.8 MB float32
@@ -87,7 +88,7 @@ def _peak_rss_growth(layers: int, how: str, dest: Path) -> int:
 
 
 @pytest.mark.slow  # four child processes: ~35 s of CPU for both variants
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+@pytest.mark.skipif(not rss.AVAILABLE, reason="reads /proc (Linux)")
 @pytest.mark.parametrize("how", ["int4", "qdq"])
 def test_quantized_weights_are_not_retained(how: str, tmp_path: Path) -> None:
     weight = K * N * 4
@@ -109,13 +110,6 @@ def test_written_graph_has_every_quantized_weight(tmp_path: Path) -> None:
     assert [n.op_type for n in g.graph.node].count("DequantizeLinear") == 4
 
 
-def _current_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def _child(layers: str, how: str, dest: str) -> None:
     path = Path(dest)
     write(path.with_name("warm.onnx"), 1, how)  # warm up: lazy imports, allocator arenas
@@ -123,9 +117,9 @@ def _child(layers: str, how: str, dest: str) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the growth may then be smaller
         pass
-    before = _current_rss()  # (not the peak so far: growth above the current size counts)
+    before = current_rss()  # (not the peak so far: growth above the current size counts)
     write(path, int(layers), how)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak_rss()
     print(json.dumps({"growth": after - before}))
 
 
