@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from molmo_runtime.cli_common import add_debug_flag, non_negative_int, positive_int, run_main
 from molmo_runtime.errors import MolmoError, require
@@ -122,6 +123,11 @@ def _export(args: argparse.Namespace) -> int:
     target = args.target or default_target()
     trt_options = _trt_options(args, target)
     check_target(target)  # fails here, before any work, if e.g. TensorRT is missing
+    from molmo_export.demo import known_gate_failure
+
+    warning = known_gate_failure(str(args.model), target)
+    if warning:
+        print(f"molmo-export: note: {warning}", file=sys.stderr, flush=True)
     name = str(args.model).rstrip("/").split("/")[-1]
     out = args.out or f"out/{name}-{target}"
     path = export_artifact(args.model, target, out, max_crops=args.max_crops,

@@ -298,6 +298,34 @@ def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED,
         write_random_weights(cfg, directory, seed, dtype, shard_bytes)
 
 
+
+def gate_record(name: str) -> dict[str, Any] | None:
+    """The quality-gate outcomes measured on the shipped weights of trained preset `name`
+    (molmo_export/weights/<name>.gates.json), or None. A record names the sha256 of the weights
+    it was measured on and is ignored for any other file (tests/export/test_gate_record.py
+    keeps it in step with the shipped weights)."""
+    path = trained_weights(name).with_suffix(".gates.json")
+    if name not in TRAINED_PRESETS or not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    if record.get("weights_sha256") != _file_digest(trained_weights(name)):
+        return None
+    return record
+
+
+def known_gate_failure(model: str, target: str) -> str | None:
+    """What to tell the user before the work when `target` is recorded as failing its quality
+    gate on built-in preset `model` (None: not recorded as failing)."""
+    record = gate_record(model) if model in TRAINED_PRESETS else None
+    if record is None or record["targets"].get(target, {"passed": True})["passed"]:
+        return None
+    passing = [t for t, o in record["targets"].items() if o["passed"]]
+    return (f"{target} has failed its quality gate on the {model} model's shipped weights "
+            f"({record['targets'][target]['summary']}; {record['measured']}), so this export "
+            "may stop at the gate and write nothing; --allow-degraded writes the artifact with "
+            "the failed report"
+            + (f". {', '.join(passing)} passed on this model." if passing else "."))
+
 # -- materialising a preset ----------------------------------------------------------------------
 
 def _file_digest(path: Path) -> str:

@@ -73,8 +73,8 @@ class WeightPrecision:
         return self.lm_head_bits or self.bits
 
 
-# Same block sizes and LM-head rule as molmo_calibration.recipes (int4: the head keeps 8 bits,
-# its errors land directly on the logits).
+# Same block sizes and LM-head rule as molmo_calibration.recipes (int4: the head is 4-bit too;
+# `lm_head_bits` can keep it wider, see docs/fused_decoder.md for what each costs).
 # accuracy_level 4: activations are quantized to int8 per block inside MatMulNBits, so the
 # inner product runs on int8 dot-product instructions (AVX-512 VNNI / AMX on the Intel and
 # AVX-512 VNNI on the AMD Zen 4 machines here; AVX2 vpmaddubsw elsewhere). Decode is bound by
@@ -85,7 +85,7 @@ class WeightPrecision:
 PRECISIONS = {
     "fp32": WeightPrecision("fp32"),
     "int8": WeightPrecision("int8", bits=8, block_size=128, accuracy_level=4),
-    "int4": WeightPrecision("int4", bits=4, block_size=32, lm_head_bits=8, accuracy_level=4),
+    "int4": WeightPrecision("int4", bits=4, block_size=32, accuracy_level=4),
 }
 
 

@@ -108,12 +108,13 @@ def test_ort_int8_recipe(quantized: Quantized) -> None:
     assert report.methods[DECODER] == "int8-weight-only-nbits"
 
 
-def test_ort_int4_recipe_keeps_the_lm_head_at_8_bits(quantized: Quantized) -> None:
+def test_ort_int4_recipe_quantizes_every_matmul_and_the_lm_head_to_4_bits(
+        quantized: Quantized) -> None:
     out, _ = quantized("ort-int4")
     model = onnx.load(str(out / "onnx/decoder.onnx"))
     bits = {n.output[0]: next(a.i for a in n.attribute if a.name == "bits")
             for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert bits.pop("logits") == 8
+    assert bits.pop("logits") == 4
     assert set(bits.values()) == {4} and len(bits) == TOY.layers * 7
     assert (out / "onnx/decoder.onnx").stat().st_size < \
         (out / "onnx/vision_encoder.onnx").stat().st_size * 50  # weights packed, not float

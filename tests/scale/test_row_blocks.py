@@ -90,7 +90,7 @@ CASES = {
     "fp32": dict(transposed=False),
     "fp16 transposed": dict(transposed=True, dtype="fp16"),
     "fp16": dict(transposed=False, dtype="fp16"),
-    "int8 head (int4 recipe)": dict(transposed=True, nbits=NBits(4, 32, 8, vocab_rows=1000)),
+    "int8 head (wider than the rest)": dict(transposed=True, nbits=NBits(4, 32, 8, vocab_rows=1000)),
     "int4": dict(transposed=True, nbits=NBits(4, 32, None, vocab_rows=7)),
     "int8, not transposed (read whole)": dict(transposed=False,
                                               nbits=NBits(8, 32, None, vocab_rows=7)),

@@ -92,7 +92,7 @@ def test_streamed_graphs_equal_the_in_memory_export(case: Case, tmp_path: Path) 
 
 
 def test_streamed_nbits_equals_ort_whole_graph_quantizer(case: Case, tmp_path: Path) -> None:
-    """int4 decoder with an 8-bit LM head (the ort-int4 recipe), three ways: ORT's quantizer on
+    """int4 decoder with a wider (8-bit) LM head, three ways: ORT's quantizer on
     the whole fp32 graph (today), the streaming quantizer over that graph's external data, and
     the streaming quantizer straight from the checkpoint (what a streaming export writes)."""
     manifest = case.manifest
