@@ -46,26 +46,41 @@ demo: $(VENV)/.installed
 # (build/test-artifacts) that test-runtime reuses without torch.
 # The three environments are installed side by side (pip spends much of its time waiting on
 # downloads and files; installed one after another they took 5 min 15 s on a 2-core machine).
-PARTS := test-main test-runtime test-triton typecheck
+# typecheck (mypy, one thread, needs no artifact) runs beside the test parts, most of which
+# leave the second core idle; its output is held in build/typecheck.log and shown at the end.
+PARTS := test-main test-runtime test-triton
 ENVS := $(VENV)/.installed $(RT_VENV)/.installed $(TRITON_VENV)/.installed
 test:
 	@$(MAKE) --no-print-directory -j3 --output-sync=target $(ENVS)
-	@failed=""; for part in $(PARTS); do \
+	@mkdir -p build; failed=""; \
+	$(MAKE) --no-print-directory typecheck > build/typecheck.log 2>&1 & typecheck=$$!; \
+	for part in $(PARTS); do \
 		echo "=== make $$part"; \
 		$(MAKE) --no-print-directory $$part || failed="$$failed $$part"; \
 	done; \
+	wait $$typecheck || failed="$$failed typecheck"; \
+	echo "=== make typecheck (ran beside the others)"; cat build/typecheck.log; \
 	if [ -n "$$failed" ]; then echo "=== make test: FAILED:$$failed"; exit 1; fi; \
-	echo "=== make test: all parts passed ($(PARTS))"
+	echo "=== make test: all parts passed ($(PARTS) typecheck)"
 
 # "heavy" tests (tens of minutes, several GB) run by hand: pytest -m heavy
 PYTEST_ARGS ?= --durations=30 -m "not heavy"
+# The torch-free tests run once, in test-runtime (tests/skipped_elsewhere.py): without torch, then
+# those that skipped there (they need torch) in .venv.
+TORCH_FREE_TESTS := tests/runtime tests/calibration tests/test_torch_free.py
+SKIPPED_WITHOUT_TORCH := build/skipped-without-torch.txt
 test-main: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests --ignore=tests/serving $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q tests --ignore=tests/serving \
+		$(TORCH_FREE_TESTS:%=--ignore=%) $(PYTEST_ARGS)
 
-test-runtime: $(RT_VENV)/.installed
+test-runtime: $(RT_VENV)/.installed $(VENV)/.installed
 	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
-	$(RT_VENV)/bin/python -m pytest -q tests/runtime tests/calibration tests/test_torch_free.py \
-		$(PYTEST_ARGS)
+	rm -f $(SKIPPED_WITHOUT_TORCH); status=0; \
+	$(RT_VENV)/bin/python -m pytest -q $(TORCH_FREE_TESTS) $(PYTEST_ARGS) \
+		--write-skipped $(SKIPPED_WITHOUT_TORCH) || status=1; \
+	$(VENV)/bin/python -m pytest -q $(TORCH_FREE_TESTS) $(PYTEST_ARGS) \
+		--only-listed $(SKIPPED_WITHOUT_TORCH) || status=1; \
+	exit $$status
 
 # A real tritonserver on 127.0.0.1 serving the demo artifact (tests/serving/test_triton.py).
 test-triton: $(VENV)/.installed $(TRITON_VENV)/.installed

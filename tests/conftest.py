@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests import cpu_durations
+from tests import cpu_durations, skipped_elsewhere
 
 REPO = Path(__file__).resolve().parents[1]
 # CI puts a copy of shared/ beside the clone; MOLMO_GOLDEN overrides.
@@ -20,10 +20,12 @@ GOLDEN = Path(os.environ.get("MOLMO_GOLDEN", REPO.parent / "shared" / "golden"))
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     cpu_durations.add_option(parser)
+    skipped_elsewhere.add_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     cpu_durations.configure(config)
+    skipped_elsewhere.configure(config)
 
 
 def golden_path(*parts: str) -> Path:

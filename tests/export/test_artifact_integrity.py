@@ -409,9 +409,10 @@ def test_an_export_that_fails_verification_is_marked_and_refused(tmp_path: Path)
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(shard), metadata={"format": "pt"})
     out = tmp_path / "art"
+    # --max-crops 2: verification checks 1..3 crops instead of 1..13 (the failure is the point)
     proc = subprocess.run([sys.executable, "-m", "molmo_export.cli", "--model", str(ckpt),
                            "--target", "onnx", "--out", str(out), "--no-progress",
-                           "--max-seq-len", "1024"],
+                           "--max-seq-len", "1024", "--max-crops", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "marked as failed" in proc.stderr and "--allow-unverified" in proc.stderr

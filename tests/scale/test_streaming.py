@@ -57,8 +57,7 @@ class Case:
     """One preset: today's fp32 artifact, the checkpoint, and the streamed graph templates
     (traced once; write_graph consumes a copy)."""
 
-    def __init__(self, preset: str) -> None:
-        artifact = exported_artifact(f"{preset}-scale", preset, max_seq_len=256, max_crops=2)
+    def __init__(self, preset: str, artifact: Path) -> None:
         self.manifest = load_manifest(artifact)
         self.weights = CheckpointWeights(resolve_checkpoint(preset))
         self.read = checkpoint_reader(self.weights)
@@ -75,7 +74,11 @@ class Case:
 
 @pytest.fixture(scope="module", params=PRESETS)
 def case(request: pytest.FixtureRequest) -> Case:
-    return Case(request.param)
+    # demo: the session's shared demo artifact (no export of its own); bench-0.5b: its own
+    preset = request.param
+    artifact = request.getfixturevalue("demo_artifact") if preset == "demo" else \
+        exported_artifact(f"{preset}-scale", preset, max_seq_len=256, max_crops=2)
+    return Case(preset, artifact)
 
 
 def test_streamed_graphs_equal_the_in_memory_export(case: Case, tmp_path: Path) -> None:
