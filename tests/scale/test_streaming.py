@@ -151,10 +151,16 @@ def test_fp16_weights_are_the_fp32_graph_with_rounded_weights(case: Case, tmp_pa
     half = write_graph(case.template(DECODER), tmp_path / "fp16" / "decoder.onnx",
                        read=case.read, dtype="fp16")
     full = write_graph(case.template(DECODER), tmp_path / "fp32" / "decoder.onnx", read=rounded)
-    stored = {t.data_type for t in onnx.load(str(half), load_external_data=False).graph.initializer
-              if t.data_location == onnx.TensorProto.EXTERNAL}
-    assert stored == {onnx.TensorProto.FLOAT16}
-    assert half.with_name("decoder.onnx.data").stat().st_size * 2 == \
-        full.with_name("decoder.onnx.data").stat().st_size
+    external = [t for t in onnx.load(str(half), load_external_data=False).graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    # the weights (matrices) are float16; small constants (norm weights, biases: 1-D) stay
+    # float32 as molmo_calibration.streaming says, and go to the data file once they are
+    # larger than INLINE_BYTES (bench-0.5b's 896-wide ones; none of the demo's)
+    assert {t.data_type for t in external if len(t.dims) >= 2} == {onnx.TensorProto.FLOAT16}
+    kept = [t for t in external if t.data_type != onnx.TensorProto.FLOAT16]
+    assert all(len(t.dims) == 1 and t.data_type == onnx.TensorProto.FLOAT for t in kept)
+    # so the data file is half the fp32 one, but for the float32 constants it holds
+    assert half.with_name("decoder.onnx.data").stat().st_size * 2 - \
+        full.with_name("decoder.onnx.data").stat().st_size == 4 * sum(t.dims[0] for t in kept)
     feeds = _feeds(spec)
     _assert_same(_run(full, feeds), _run(half, feeds))
