@@ -298,7 +298,6 @@ def write_checkpoint(cfg: MolmoConfig, directory: Path, seed: int = SEED,
         write_random_weights(cfg, directory, seed, dtype, shard_bytes)
 
 
-
 def gate_record(name: str) -> dict[str, Any] | None:
     """The quality-gate outcomes measured on the shipped weights of trained preset `name`
     (molmo_export/weights/<name>.gates.json), or None. A record names the sha256 of the weights
@@ -325,6 +324,7 @@ def known_gate_failure(model: str, target: str) -> str | None:
             "may stop at the gate and write nothing; --allow-degraded writes the artifact with "
             "the failed report"
             + (f". {', '.join(passing)} passed on this model." if passing else "."))
+
 
 # -- materialising a preset ----------------------------------------------------------------------
 
