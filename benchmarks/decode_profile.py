@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from fused_vs_portable import _fill, _step  # the same fill and timed step as the benchmarks
 from molmo_runtime.backends.ort import OrtBackend
 from molmo_runtime.graph_io import DECODER
 from molmo_runtime.manifest import load_manifest
@@ -51,16 +51,9 @@ def profile(artifact: str, context: int, steps: int, threads: int | None) -> dic
         b = OrtBackend(m, providers=["CPUExecutionProvider"], threads=threads,
                        graphs=(DECODER,), profile_prefix=str(Path(tmp) / "p"))
         rng = np.random.default_rng(0)
-        d = m.dims.d_model
         b.start(1)
-        b.decode(rng.standard_normal((1, context, d), np.float32) * 0.02,
-                 np.ones((1, context), np.int64), np.arange(context, dtype=np.int64)[None])
-        wall = []
-        for s in range(context, context + steps):
-            t = time.perf_counter()
-            b.decode(rng.standard_normal((1, 1, d), np.float32) * 0.02,
-                     np.ones((1, s + 1), np.int64), np.array([[s]], np.int64))
-            wall.append((time.perf_counter() - t) * 1e3)
+        _fill(b, rng, m.dims.d_model, context)
+        wall = [_step(b, rng, m.dims.d_model, s) for s in range(context, context + steps)]
         events = json.loads(Path(b.end_profiling()).read_text())
         b.close()
     runs = [e for e in events if e.get("name") == "model_run"][-steps:]

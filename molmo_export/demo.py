@@ -303,8 +303,10 @@ def gate_record(name: str) -> dict[str, Any] | None:
     (molmo_export/weights/<name>.gates.json), or None. A record names the sha256 of the weights
     it was measured on and is ignored for any other file (tests/export/test_gate_record.py
     keeps it in step with the shipped weights)."""
+    if name not in TRAINED_PRESETS:
+        return None
     path = trained_weights(name).with_suffix(".gates.json")
-    if name not in TRAINED_PRESETS or not path.is_file():
+    if not path.is_file():
         return None
     record: dict[str, Any] = json.loads(path.read_text())
     if record.get("weights_sha256") != _file_digest(trained_weights(name)):
@@ -315,7 +317,7 @@ def gate_record(name: str) -> dict[str, Any] | None:
 def known_gate_failure(model: str, target: str) -> str | None:
     """What to tell the user before the work when `target` is recorded as failing its quality
     gate on built-in preset `model` (None: not recorded as failing)."""
-    record = gate_record(model) if model in TRAINED_PRESETS else None
+    record = gate_record(model)
     if record is None or record["targets"].get(target, {"passed": True})["passed"]:
         return None
     passing = [t for t, o in record["targets"].items() if o["passed"]]
