@@ -92,7 +92,7 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
         return export_streaming_artifact(model, out, target=target, dtype=dtype,
                                          max_crops=max_crops, max_seq_len=max_seq_len,
                                          opset=opset, force=force, verify=verify and bool(stream),
-                                         progress=progress, log=log)
+                                         progress=progress, fused=fused, log=log)
     if dtype != "fp32":
         raise MolmoError(f"--dtype {dtype} needs the streaming exporter (drop --no-stream)")
     with OutputLock(out):

@@ -31,7 +31,7 @@ from molmo_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from molmo_runtime.tolerances import TABLE
 
 # manifest precision of the decoder -> ort_decoder.PRECISIONS key
-_PRECISION = {"fp32": "fp32", "int8-weight-only-nbits": "int8", "int4-weight-only-nbits": "int4"}
+PRECISION_KEY = {"fp32": "fp32", "int8-weight-only-nbits": "int8", "int4-weight-only-nbits": "int4"}
 
 
 def graph_files(manifest: Manifest, graph: str) -> list[str]:
@@ -58,15 +58,15 @@ def fuse_decoder(artifact_dir: str | os.PathLike[str], source: TensorSource | No
         raw = _manifest_base(manifest)
         if reason is None:
             decoder_precision = str(manifest.raw.get("precision", {}).get(DECODER, "fp32"))
-            if decoder_precision not in _PRECISION:
+            if decoder_precision not in PRECISION_KEY:
                 raise MolmoError(f"no fused decoder for a {decoder_precision} decoder")
             old = graph_files(manifest, DECODER)
             _link_files(manifest, writer.staging, skip=set(old))
             spec = decoder_spec(manifest.dims, "ort")
-            build_fused_decoder(source, manifest.dims, _PRECISION[decoder_precision],
+            build_fused_decoder(source, manifest.dims, PRECISION_KEY[decoder_precision],
                                 writer.path(spec.file))
             check = compare_decoders(manifest.path(old[0]), writer.path(spec.file),
-                                     manifest, _PRECISION[decoder_precision])
+                                     manifest, PRECISION_KEY[decoder_precision])
             log(f"fused decoder vs portable ({decoder_precision}): " + ", ".join(
                 f"{k} {v:.2e}" for k, v in check.items() if isinstance(v, float)))
             raw.update(decoder_flavour="ort", decoder_check=check,

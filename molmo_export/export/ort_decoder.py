@@ -9,7 +9,8 @@ Per layer (pre-norm Qwen2 block), 10 nodes (11 in fp32, where the q/k/v bias is 
                                        (past and present are the same buffer)
     MatMul | MatMulNBits  o
     SkipSimplifiedLayerNormalization
-    MatMul | MatMulNBits  gate|up      one fused projection, then Split
+    MatMul | MatMulNBits  gate         (two matmuls: faster than one of twice the width)
+    MatMul | MatMulNBits  up
     QuickGelu(alpha=1) * up            SiLU(gate) * up
     MatMul | MatMulNBits  down
 
@@ -32,7 +33,7 @@ portable artifact of one precision hold the same quantized weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from molmo_runtime.graph_io import (
 FUSED_OPSET = 17  # ai.onnx; com.microsoft 1
 PADDING_BIAS = -1e9  # additive bias of a padded key: exp underflows to exactly 0 in float32
 ALIGN = 4096  # external data offsets page-aligned, so ONNX Runtime can map them
+ROW_BLOCK_BYTES = 64 * 2**20  # float32 bytes of a weight converted / quantized at a time
 
 
 @dataclass(frozen=True)
@@ -145,20 +147,30 @@ class _GraphWriter:
         """Add an initializer (a constant shared by several nodes is added once, by name)."""
         if name in self._names:
             return name
+        array = np.ascontiguousarray(array)  # (a 0-d array becomes shape [1], as always here)
+        return self.weight_in_blocks(name, array.shape, array.dtype, [array])
+
+    def weight_in_blocks(self, name: str, shape: Sequence[int], dtype: np.dtype[Any],
+                         blocks: Iterable[np.ndarray]) -> str:
+        """An initializer given as consecutive slices along its first axis, written to the
+        data file one slice at a time (small tensors inline)."""
         self._names.add(name)
-        array = np.ascontiguousarray(array)
-        if array.nbytes < 1024:  # small tensors inline
-            self.initializers.append(onnx.numpy_helper.from_array(array, name))
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if size < 1024:
+            whole = np.concatenate([np.asarray(x, dtype).ravel() for x in blocks]).reshape(shape)
+            self.initializers.append(onnx.numpy_helper.from_array(whole, name))
             return name
-        pad = -self._data.tell() % ALIGN
-        self._data.write(b"\0" * pad)
+        self._data.write(b"\0" * (-self._data.tell() % ALIGN))
         offset = self._data.tell()
-        self._data.write(array.tobytes())
-        t = TensorProto(name=name, dims=array.shape,
-                        data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                        data_location=TensorProto.EXTERNAL)
+        for block in blocks:
+            self._data.write(np.ascontiguousarray(block, dtype).tobytes())
+        if self._data.tell() - offset != size:
+            raise AssertionError(f"{name}: wrote {self._data.tell() - offset} bytes for "
+                                 f"{list(shape)} {np.dtype(dtype)}")
+        t = TensorProto(name=name, dims=shape, data_location=TensorProto.EXTERNAL,
+                        data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
-                           ("length", str(array.nbytes))):
+                           ("length", str(size))):
             t.external_data.add(key=key, value=value)
         self.initializers.append(t)
         return name
@@ -182,24 +194,42 @@ class _DecoderBuilder:
     def linear(self, x: str, names: Sequence[str], out: str, bias: Sequence[str] = (),
                bits: int | None = None) -> str:
         """x @ concat(W_i).T (+ concat(b_i)): the listed weights [N_i, K] fused along N."""
-        w = np.concatenate([self.src.get(n) for n in names], axis=0)  # [N, K]
+        parts = [self.src.get(n) for n in names]
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [N, K]
+        del parts
         b = np.concatenate([self.src.get(n) for n in bias], axis=0) if bias else None
         bits = self.p.bits if bits is None else bits
         n, k = w.shape
+        # Weights go out in row blocks, never as a second whole copy (the 7B LM head is 2.2 GB
+        # in float32): MatMul's B = W.T by its rows; MatMulNBits by output rows, which the
+        # quantizer treats one by one (the same bytes as quantizing W in one call).
         if bits == 0:
-            mm = self.g.node("MatMul", [x, self.g.weight(f"{out}.weight", w.T)], [f"{out}.mm"]
-                             if b is not None else [out], name=out)[0]
+            rows = max(1, ROW_BLOCK_BYTES // (4 * n))
+            weight = self.g.weight_in_blocks(f"{out}.weight", (k, n), np.dtype(np.float32),
+                                             (w[:, r:r + rows].T for r in range(0, k, rows)))
+            del w
+            mm = self.g.node("MatMul", [x, weight], [f"{out}.mm"] if b is not None else [out],
+                             name=out)[0]
             if b is None:
                 return mm
             return self.g.node("Add", [mm, self.g.weight(f"{out}.bias", b)], [out],
                                name=f"{out}.bias")[0]
-        packed, scales = quantize_blockwise(w, bits, self.p.block_size)
+        block, rows = self.p.block_size, max(1, ROW_BLOCK_BYTES // (4 * k))
+        scales: list[np.ndarray] = []
+
+        def packed_rows() -> Iterable[np.ndarray]:
+            for r in range(0, n, rows):
+                packed, row_scales = quantize_blockwise(w[r:r + rows], bits, block)
+                scales.append(row_scales)
+                yield packed
+
+        qweight = self.g.weight_in_blocks(f"{out}.qweight", (n, -(-k // block), block * bits // 8),
+                                          np.dtype(np.uint8), packed_rows())
         del w
-        inputs = [x, self.g.weight(f"{out}.qweight", packed),
-                  self.g.weight(f"{out}.scales", scales)]
+        inputs = [x, qweight, self.g.weight(f"{out}.scales", np.concatenate(scales))]
         if b is not None:
             inputs += ["", "", self.g.weight(f"{out}.bias", b)]  # zero_points, g_idx: absent
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": self.p.block_size}
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if self.p.accuracy_level:
             attrs["accuracy_level"] = self.p.accuracy_level
         return self.g.node("MatMulNBits", inputs, [out], name=out, domain="com.microsoft",
@@ -261,11 +291,10 @@ class _DecoderBuilder:
             hidden = self.linear(attn, [p + "attn.wo.weight"], f"l{i}.o")
             mlp_w = g.weight(f"l{i}.mlp_norm", self.src.get(p + "mlp_norm.weight"))
             normed, residual = self._skip_norm(hidden, residual, mlp_w, f"l{i}.mlp", eps)
-            gate_up = self.linear(normed, [p + "mlp.gate.weight", p + "mlp.up.weight"],
-                                  f"l{i}.gate_up")
-            halves = g.weight("mlp.halves", np.array([c.mlp_hidden_size] * 2, np.int64))
-            gate, up = g.node("Split", [gate_up, halves], [f"l{i}.gate", f"l{i}.up"],
-                              name=f"l{i}.split", axis=-1)
+            # two matmuls, not one of twice the width: a gate|up MatMulNBits took 1.5x the
+            # time of the two (ONNX Runtime's profiler, AMD EPYC Zen 4, docs/fused_decoder.md)
+            gate = self.linear(normed, [p + "mlp.gate.weight"], f"l{i}.gate")
+            up = self.linear(normed, [p + "mlp.up.weight"], f"l{i}.up")
             act = g.node("QuickGelu", [gate], [f"l{i}.silu"], name=f"l{i}.silu",
                          domain="com.microsoft", alpha=1.0)[0]
             prod = g.node("Mul", [act, up], [f"l{i}.swiglu"], name=f"l{i}.swiglu")[0]

@@ -39,6 +39,7 @@ from molmo_runtime.graph_io import (
     VISION_ENCODER,
     GraphSpec,
     all_graph_specs,
+    decoder_spec,
 )
 
 ADAPTERS = {VISION_ENCODER: VisionEncoderGraph, CONNECTOR: ConnectorGraph, DECODER: DecoderGraph}
@@ -205,13 +206,17 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                               target: str = "onnx", dtype: str = "fp32", max_crops: int = 12,
                               max_seq_len: int | None = None, opset: int | None = None,
                               force: bool = False, verify: bool = False, progress: bool = True,
-                              log: Callable[[str], None] = print) -> Path:
+                              fused: bool = True, log: Callable[[str], None] = print) -> Path:
     """Checkpoint -> artifact for `target` ("onnx", "ort-fp32", "ort-int8", "ort-int4") without
     ever holding the model: see the module docstring.
 
     Quantized targets are quantized on the way (MatMulNBits decoder from the checkpoint; the
     encoders, small at every Molmo size, through ORT's quantize_dynamic from an fp32 scratch
-    copy), so no fp32 copy of the decoder is ever written. Their quality is NOT measured here:
+    copy), so no fp32 copy of the decoder is ever written. With `fused` the ort-* targets get
+    the decoder made for ONNX Runtime (ort_decoder, written from the checkpoint tensor by tensor,
+    big weights in row blocks) where the model allows it; it is not compared with a portable
+    graph here (that needs both in memory): the same builder is checked against the portable
+    graph at small scale (tests/export/test_fused_decoder.py). Their quality is NOT measured here:
     the quality gate needs an fp32 reference run, which is what does not fit (manifest
     "quality": {"measured": false}); measure it with molmo-calibration where the fp32 artifact
     fits, or stage by stage.
@@ -222,7 +227,10 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     from molmo_calibration.ort_quant import quantize_dynamic_int8
     from molmo_calibration.recipes import RECIPES
     from molmo_calibration.streaming import NBits, write_graph
-    from molmo_export.export import QUANTIZED_TARGETS
+    from molmo_export.export import FUSED_TARGETS, QUANTIZED_TARGETS
+    from molmo_export.export.fused_artifact import PRECISION_KEY
+    from molmo_export.export.ort_decoder import build_fused_decoder, unsupported_reason
+    from molmo_export.export.tensor_source import CheckpointTensors
     from molmo_export.export.artifact_dir import ArtifactWriter
     from molmo_export.export.onnx_export import (
         EMBED_FILE,
@@ -252,6 +260,15 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     dims = graph_dims(config, max_crops, max_seq_len)
     specs = all_graph_specs(dims)
     recipe = RECIPES[QUANTIZED_TARGETS[target]] if target in QUANTIZED_TARGETS else None
+    flavour: dict[str, Any] = {}
+    if fused and target in FUSED_TARGETS:
+        reason = unsupported_reason(config.text)
+        flavour = {"decoder_flavour": "portable", "decoder_flavour_note": reason} if reason else {
+            "decoder_flavour": "ort", "decoder_check": {
+                "skipped": "streaming export: the builder is checked against the portable "
+                           "graph at small scale"}}
+        if not reason:
+            specs[DECODER] = decoder_spec(dims, "ort")
     read = checkpoint_reader(weights)
     blocks = checkpoint_blocks(weights)
     fake = fake_model(config)
@@ -263,9 +280,15 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         for graph, spec in specs.items():
             steps.set_postfix_str(graph)
             dest = writer.path(spec.file)
-            template = trace_template(fake, graph, spec, opset, read)
             method = recipe.graphs[graph] if recipe else None
-            if method is None:
+            fused_decoder = graph == DECODER and flavour.get("decoder_flavour") == "ort"
+            template = None if fused_decoder else trace_template(fake, graph, spec, opset, read)
+            if template is None:  # written node by node from the checkpoint, no trace
+                method_name = method.method if method else "fp32"
+                build_fused_decoder(CheckpointTensors(checkpoint), dims,
+                                    PRECISION_KEY[method_name], dest)
+                precision[graph] = method_name
+            elif method is None:
                 write_graph(template, dest, read=read, dtype=dtype, blocks=blocks)
                 precision[graph] = dtype
             elif method.method == "int8-dynamic":
@@ -282,7 +305,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                 write_graph(template, dest, read=read, blocks=blocks,
                             nbits=NBits(bits, method.block_size, head, dims.vocab_rows))
                 precision[graph] = method.method
-            check_graph_file(dest, spec)
+            check_graph_file(dest, spec, checker=not fused_decoder)
             steps.update()
         steps.set_postfix_str("embeddings, tokenizer")
         save_embeddings_by_rows(weights, writer.path(EMBED_FILE))
@@ -291,6 +314,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                                      precision, opset, dims, specs, max_crops, max_seq_len,
                                      has_tokenizer, writer.staged_files())
         manifest["streaming"] = {"weights_dtype": dtype, "checkpoint": str(checkpoint)}
+        manifest.update(flavour)
         if recipe is not None:
             manifest.update(
                 target=recipe.manifest_target,

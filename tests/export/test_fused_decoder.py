@@ -105,7 +105,7 @@ def test_quantized_fused_matches_portable(precision: str, tmp_path: Path) -> Non
     check = compare_decoders(portable, fused, m, precision)  # raises above the table's bound
     assert check["same_top1"]
     ops = [n.op_type for n in onnx.load(str(fused), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 4 * m.dims.num_layers + 1  # qkv, o, gate|up, down; head
+    assert ops.count("MatMulNBits") == 5 * m.dims.num_layers + 1  # qkv, o, gate, up, down; head
 
 
 @pytest.mark.parametrize("target", ["ort-int8", "ort-int4"])
@@ -141,6 +141,24 @@ def test_blockwise_quantization_roundtrip() -> None:
         err = np.abs((q * scales[..., None]).reshape(48, -1)[:, :96] - w)  # K..padding unread
         assert (err <= step * (1 + 1e-5)).all()
         assert np.median(err / step) < 0.3  # rounding error, not a wrong layout
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_weights_written_in_row_blocks_are_the_same_bytes(
+        precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder converts and quantizes big weights a block of rows at a time (memory at 7B);
+    with blocks of a few rows every matrix is split, and the files must not change."""
+    import molmo_export.export.ort_decoder as ort_decoder
+
+    src = CheckpointTensors(golden_path("model"))
+    dims = load_manifest(exported_artifact("golden-model", golden_path("model"),
+                                           max_seq_len=1024), "none").dims
+    files = []
+    for rows_bytes in (ort_decoder.ROW_BLOCK_BYTES, 4096):
+        monkeypatch.setattr(ort_decoder, "ROW_BLOCK_BYTES", rows_bytes)
+        path = build_fused_decoder(src, dims, precision, tmp_path / str(rows_bytes) / "d.onnx")
+        files.append((path.read_bytes(), path.with_name("d.onnx.data").read_bytes()))
+    assert files[0] == files[1]
 
 
 @pytest.mark.parametrize("model", ["model_7b_o", "model_moe"])

@@ -8,7 +8,10 @@ are real) is marked slow.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,3 +167,30 @@ def test_fp16_weights_are_the_fp32_graph_with_rounded_weights(case: Case, tmp_pa
         full.with_name("decoder.onnx.data").stat().st_size == 4 * sum(t.dims[0] for t in kept)
     feeds = _feeds(spec)
     _assert_same(_run(full, feeds), _run(half, feeds))
+
+
+@pytest.mark.parametrize("target", ["ort-fp32", "ort-int4"])
+def test_streamed_ort_target_gets_the_fused_decoder_of_the_in_memory_path(
+        target: str, demo_artifact: Path, demo_quantized: Callable[[str], tuple[Path, Any]],
+        tmp_path: Path) -> None:
+    """`molmo-export --stream --target ort-*` writes the decoder made for ONNX Runtime straight
+    from the checkpoint (no trace, no portable graph): the same files as the in-memory path,
+    which builds it after exporting / quantizing and checks it against the portable graph."""
+    from molmo_export.export import export_artifact
+    from molmo_export.export.fused_artifact import fuse_decoder, graph_files
+
+    dims = load_manifest(demo_artifact, "none").dims
+    streamed = load_manifest(export_artifact(
+        "demo", target, tmp_path / "streamed", max_seq_len=dims.max_seq_len, stream=True,
+        verify=False, progress=False, log=lambda s: None), "full")
+    assert streamed.decoder_flavour == "ort"
+    assert "skipped" in streamed.raw["decoder_check"]
+    source = demo_artifact if target == "ort-fp32" else demo_quantized(target)[0]
+    in_memory = tmp_path / "in-memory"
+    shutil.copytree(source, in_memory)
+    reference = fuse_decoder(in_memory, log=lambda s: None)
+    assert streamed.raw["precision"][DECODER] == reference.raw["precision"][DECODER]
+    files = graph_files(streamed, DECODER)
+    assert files == graph_files(reference, DECODER)
+    for rel in files:
+        assert streamed.path(rel).read_bytes() == reference.path(rel).read_bytes(), rel

@@ -149,10 +149,13 @@ class _OrtState(DecodeState):
         for name, arr in zip(backend._past_names, self._cache):
             self._binding.bind_cpu_input(name, arr)  # shares the array's memory
         self._in_place = backend._in_place
+        self._logits: np.ndarray | None = None
         if self._in_place:  # present.* = the same arrays, written in place by the graph
             names = backend._output_names
-            self._binding.bind_output(names[0])  # logits: get_outputs()[0]
-            for name, arr in zip(names[1:], self._cache):
+            # the graph's logits are the last position's, [B, 1, V] at every call: one buffer
+            # bound once, so a step neither allocates them nor wraps 1 + 2 x layers outputs
+            self._logits = np.empty((batch, 1, backend.dims.vocab_rows), np.float32)
+            for name, arr in zip(names, [self._logits, *self._cache]):
                 self._binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape),
                                           arr.ctypes.data)
         self._length = 0
@@ -188,11 +191,12 @@ class _OrtState(DecodeState):
             for name in self._backend._output_names:
                 b.bind_output(name)
         self._session.run_with_iobinding(b)
-        outputs = b.get_outputs()
-        if not self._in_place:
-            for cache, new in zip(self._cache, outputs[1:]):
-                cache[:, :, past:past + seq] = new.numpy()  # [B, kv, seq, hd]
         self._length = past + seq
+        if self._logits is not None:
+            return self._logits[:, -1].copy()  # [B, V]; the buffer is the next step's too
+        outputs = b.get_outputs()
+        for cache, new in zip(self._cache, outputs[1:]):
+            cache[:, :, past:past + seq] = new.numpy()  # [B, kv, seq, hd]
         # a copy: with bound outputs ORT may reuse the logits buffer in the next run
         return np.array(outputs[0].numpy()[:, -1])  # [B, V]
 
