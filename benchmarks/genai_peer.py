@@ -16,6 +16,9 @@ Three steps (the builder needs onnxruntime-genai, which is installed in its own 
     #    alternating step by step
     .venv/bin/python benchmarks/genai_peer.py time ARTIFACT_FP32 /tmp/peer/genai-fp32 \
         --ours FUSED_DECODER.onnx --contexts 450,1024 --rounds 3
+    # 5. where a difference lives: both under ORT's profiler, each weight matmul by role
+    .venv/bin/python benchmarks/genai_peer.py profile ARTIFACT_FP32 /tmp/peer/genai-int4 \
+        --ours FUSED_DECODER.onnx --context 450 --steps 100
 
 Both graphs run on plain onnxruntime sessions (the genai graph with its own cache rule from its
 genai_config.json: shared buffer or growing past), with the same threads; the decode step is
@@ -104,7 +107,8 @@ def graph_summary(path: Path) -> dict[str, Any]:
 class GenaiDecoder:
     """onnxruntime-genai's decoder graph driven step by step with a plain ORT session."""
 
-    def __init__(self, folder: Path, threads: int | None, max_len: int) -> None:
+    def __init__(self, folder: Path, threads: int | None, max_len: int,
+                 profile: str | None = None) -> None:
         import onnxruntime as ort
 
         full = json.loads((folder / "genai_config.json").read_text())
@@ -114,6 +118,9 @@ class GenaiDecoder:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or 0
         so.log_severity_level = 3
+        if profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile
         self.sess = ort.InferenceSession(str(folder / dec["filename"]), so,
                                          providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.sess.get_inputs()]
@@ -240,6 +247,68 @@ def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], 
     return summary
 
 
+def kernel_times(trace: str, steps: int) -> dict[str, Any]:
+    """Per decode step (median over the last `steps` runs of an ORT profile): the run's time,
+    its kernels' sum, and each weight matmul's time by role (layer index dropped)."""
+    import re
+
+    events = json.loads(Path(trace).read_text())
+    os.remove(trace)
+    runs = [e for e in events if e.get("name") == "model_run"][-steps:]
+    nodes = [e for e in events if e.get("cat") == "Node"
+             and e.get("name", "").endswith("_kernel_time")]
+    per_run: list[dict[str, float]] = []
+    for r in runs:
+        times: dict[str, float] = {"run": r["dur"] / 1e3, "kernels": 0.0}
+        for n in nodes:
+            if r["ts"] <= n["ts"] <= r["ts"] + r["dur"]:
+                op = n["args"]["op_name"]
+                if op in ("MatMul", "MatMulNBits"):  # ours "l3.gate", genai "/model/layers.3/..."
+                    role = re.sub(r"^l\d+\.|/model/layers\.\d+/|_kernel_time$", "", n["name"])
+                    op = f"{op} {role}"
+                times[op] = times.get(op, 0.0) + n["dur"] / 1e3
+                times["kernels"] += n["dur"] / 1e3
+        per_run.append(times)
+    keys = sorted({k for t in per_run for k in t}, key=lambda k: -per_run[-1].get(k, 0.0))
+    return {k: round(float(np.median([t.get(k, 0.0) for t in per_run])), 3) for k in keys}
+
+
+def profile_both(artifact: str, genai_folder: str, ours: str, context: int, steps: int,
+                 threads: int | None) -> dict[str, Any]:
+    """Both graphs under ORT's profiler, stepped alternately as in `time`: where a difference
+    in the step lives (ms a step: wall, inside ORT's run, the kernels, each weight matmul)."""
+    from molmo_runtime.manifest import load_manifest
+    from fused_vs_portable import decoder_backend
+
+    m = load_manifest(artifact, "size")
+    emb = np.load(m.path("embed_tokens.npy"), mmap_mode="r")
+    prefix = f"/tmp/genai_peer_{os.getpid()}"
+    mine = decoder_backend(m, Path(ours), "ort", threads, profile=prefix + "_ours")
+    peer = GenaiDecoder(Path(genai_folder), threads, m.dims.max_seq_len, prefix + "_genai")
+    ids = np.random.default_rng(0).integers(0, m.dims.vocab_rows, (1, context + steps))
+    mine.start(1)
+    peer.start()
+    mine.decode(np.asarray(emb[ids[:, :context]]), np.ones((1, context), np.int64),
+                np.arange(context, dtype=np.int64)[None])
+    peer.decode(ids[:, :context])
+    wall: dict[str, list[float]] = {"ours": [], "genai": []}
+    for s in range(context, context + steps):
+        tok = ids[:, s:s + 1]
+        for who in ("ours", "genai") if s % 2 else ("genai", "ours"):
+            t0 = time.perf_counter()
+            if who == "ours":
+                mine.decode(np.asarray(emb[tok]), np.ones((1, s + 1), np.int64),
+                            np.array([[s]], np.int64))
+            else:
+                peer.decode(tok)
+            wall[who].append((time.perf_counter() - t0) * 1e3)
+    out = {"ours": kernel_times(mine.end_profiling(), steps),
+           "genai": kernel_times(peer.sess.end_profiling(), steps)}
+    for who in out:
+        out[who] = {"wall": round(float(np.median(wall[who])), 3), **out[who]}
+    return {"context": context, "steps": steps, **out}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -249,6 +318,13 @@ def main() -> int:
     s = sub.add_parser("graphs", help="how our fused graph and the peer graph differ")
     s.add_argument("ours", help="our fused decoder .onnx")
     s.add_argument("genai_folder")
+    f = sub.add_parser("profile", help="both graphs under ORT's profiler, op by op")
+    f.add_argument("artifact", help="the portable fp32 artifact (for dims and embeddings)")
+    f.add_argument("genai_folder")
+    f.add_argument("--ours", required=True, help="our fused decoder .onnx")
+    f.add_argument("--context", type=int, default=450)
+    f.add_argument("--steps", type=int, default=100)
+    f.add_argument("--threads", type=int, default=None)
     t = sub.add_parser("time")
     t.add_argument("artifact", help="the portable fp32 artifact (for dims and embeddings)")
     t.add_argument("genai_folder")
@@ -266,6 +342,13 @@ def main() -> int:
         peer = json.loads((Path(args.genai_folder) / "genai_config.json").read_text())
         print(json.dumps({"ours": graph_summary(Path(args.ours)), "genai": graph_summary(
             Path(args.genai_folder) / peer["model"]["decoder"]["filename"])}, indent=1))
+        return 0
+    if args.cmd == "profile":
+        report = profile_both(args.artifact, args.genai_folder, args.ours, args.context,
+                              args.steps, args.threads)
+        print(json.dumps({**report, "load_avg": os.getloadavg(),
+                          "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                         indent=1))
         return 0
     load = os.getloadavg()
     summary = time_both(args.artifact, args.genai_folder, args.ours,

@@ -194,16 +194,32 @@ class _DecoderBuilder:
     def linear(self, x: str, names: Sequence[str], out: str, bias: Sequence[str] = (),
                bits: int | None = None) -> str:
         """x @ concat(W_i).T (+ concat(b_i)): the listed weights [N_i, K] fused along N."""
-        parts = [self.src.get(n) for n in names]
-        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [N, K]
-        del parts
-        b = np.concatenate([self.src.get(n) for n in bias], axis=0) if bias else None
         bits = self.p.bits if bits is None else bits
-        n, k = w.shape
+        b = np.concatenate([self.src.get(n) for n in bias], axis=0) if bias else None
         # Weights go out in row blocks, never as a second whole copy (the 7B LM head is 2.2 GB
         # in float32): MatMul's B = W.T by its rows; MatMulNBits by output rows, which the
-        # quantizer treats one by one (the same bytes as quantizing W in one call).
+        # quantizer treats one by one (the same bytes as quantizing W in one call). A big
+        # weight that the source reads by rows is never held whole at all.
+        n, k = self.src.shape(names[0])
+        w: np.ndarray | None = None
+        if bits and len(names) == 1 and 4 * n * k > ROW_BLOCK_BYTES and \
+                self.src.rows(names[0], 0, 1) is not None:
+
+            def read(r0: int, r1: int) -> np.ndarray:
+                block = self.src.rows(names[0], r0, r1)
+                assert block is not None
+                return block
+        else:
+            parts = [self.src.get(n) for n in names]
+            w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [N, K]
+            del parts
+            n, k = w.shape
+
+            def read(r0: int, r1: int) -> np.ndarray:
+                assert w is not None
+                return w[r0:r1]
         if bits == 0:
+            assert w is not None
             rows = max(1, ROW_BLOCK_BYTES // (4 * n))
             weight = self.g.weight_in_blocks(f"{out}.weight", (k, n), np.dtype(np.float32),
                                              (w[:, r:r + rows].T for r in range(0, k, rows)))
@@ -219,13 +235,12 @@ class _DecoderBuilder:
 
         def packed_rows() -> Iterable[np.ndarray]:
             for r in range(0, n, rows):
-                packed, row_scales = quantize_blockwise(w[r:r + rows], bits, block)
+                packed, row_scales = quantize_blockwise(read(r, min(r + rows, n)), bits, block)
                 scales.append(row_scales)
                 yield packed
 
         qweight = self.g.weight_in_blocks(f"{out}.qweight", (n, -(-k // block), block * bits // 8),
                                           np.dtype(np.uint8), packed_rows())
-        del w
         inputs = [x, qweight, self.g.weight(f"{out}.scales", np.concatenate(scales))]
         if b is not None:
             inputs += ["", "", self.g.weight(f"{out}.bias", b)]  # zero_points, g_idx: absent

@@ -1,7 +1,7 @@
 """Weights one tensor at a time, by our parameter name: `get(name) -> np.ndarray` (float32).
 
 The graph builders that write weights themselves (export/ort_decoder.py) take any object with
-this one method, so a lazy checkpoint reader can be swapped in without touching them. The names
+these methods (`rows` lets them quantize a big weight block by block, never holding it whole), so a lazy checkpoint reader can be swapped in without touching them. The names
 are those of MolmoForConditionalGeneration's parameters; which official tensor (and which rows
 of it) fills each one comes from checkpoint.py's name table, the one source of truth.
 """
@@ -24,6 +24,14 @@ class TensorSource(Protocol):
         """The parameter `name` as a float32 array (a fresh array; the caller may drop it)."""
         ...
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        ...
+
+    def rows(self, name: str, r0: int, r1: int) -> np.ndarray | None:
+        """Rows [r0, r1) of `name` as float32, reading only those (None: not readable by rows;
+        the caller gets it whole)."""
+        ...
+
 
 class CheckpointTensors:
     """A TensorSource over a checkpoint folder: molmo_export.weights' lazy reader, as float32."""
@@ -40,3 +48,12 @@ class CheckpointTensors:
             return self._weights.get(name, torch.float32).numpy()
         except KeyError:
             raise CheckpointError(f"no checkpoint tensor fills parameter {name}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._weights.shapes[name])
+
+    def rows(self, name: str, r0: int, r1: int) -> np.ndarray | None:
+        import torch
+
+        block = self._weights.rows(name, r0, r1, torch.float32)
+        return None if block is None else block.numpy()
