@@ -131,7 +131,14 @@ def test_compare_torch_adds_reference_and_speedups(demo_artifact: Path, tmp_path
     assert sp["ttft"] == pytest.approx(report["torch"]["ttft_ms"]["total"]
                                        / report["ttft_ms"]["total"])
     assert set(sp["decode_step_by_context"]) == {"16", "64"}
-    assert set(sp["ttft_stages"]) >= {"vision", "connector", "prefill"}
+    # a ratio for every stage both sides timed at >= 0.5 ms (the demo's connector can take less
+    # on a fast CPU: which stages qualify depends on the machine, the rule does not)
+    timed = {s for s, ms in report["ttft_ms"].items() if s != "total"
+             and min(ms, report["torch"]["ttft_ms"][s]) >= 0.5}
+    assert set(sp["ttft_stages"]) == timed and "prefill" in timed
+    for stage, ratio in sp["ttft_stages"].items():
+        assert ratio == pytest.approx(report["torch"]["ttft_ms"][stage]
+                                      / report["ttft_ms"][stage])
     check_png(out_png)
 
 
