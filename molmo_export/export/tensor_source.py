@@ -1,7 +1,8 @@
 """Weights one tensor at a time, by our parameter name: `get(name) -> np.ndarray` (float32).
 
 The graph builders that write weights themselves (export/ort_decoder.py) take any object with
-these methods (`rows` lets them quantize a big weight block by block, never holding it whole), so a lazy checkpoint reader can be swapped in without touching them. The names
+these methods (`rows` lets them quantize a big weight block by block, never holding it whole),
+so a lazy checkpoint reader can be swapped in without touching them. The names
 are those of MolmoForConditionalGeneration's parameters; which official tensor (and which rows
 of it) fills each one comes from checkpoint.py's name table, the one source of truth.
 """
