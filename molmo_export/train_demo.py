@@ -44,6 +44,7 @@ from molmo_calibration.shapes.task import (
 )
 from molmo_export.config import get_preset
 from molmo_export.model import MolmoForConditionalGeneration
+from molmo_export.model.text import TextAttention
 
 TRAIN_MIX = {"point": 0.35, "point_all": 0.15, "count": 0.22, "color": 0.22, "describe": 0.06}
 IGNORE = -100
@@ -363,17 +364,23 @@ def attention_loss(model: MolmoForConditionalGeneration, batch: dict[str, torch.
     keys = batch["focus_keys"].float()  # [N, S]
     total = torch.zeros(())
     for i in layers:
-        probs = model.language_model.model.layers[i].attn.probs  # [B, H, T, S]
+        probs = _attention(model, i).probs  # [B, H, T, S]
         assert probs is not None, "set keep_probs on the supervised layers"
         mass = (probs[rows, :, pos] * keys[:, None]).sum(-1).mean(-1)  # [N]
         total = total - torch.log(mass.clamp_min(1e-6)).mean()
     return total / len(layers)
 
 
+def _attention(model: MolmoForConditionalGeneration, layer: int) -> TextAttention:
+    attn = model.language_model.model.layers[layer].attn
+    assert isinstance(attn, TextAttention)
+    return attn
+
+
 def keep_attention(model: MolmoForConditionalGeneration, layers: tuple[int, ...],
                    on: bool) -> None:
     for i in layers:
-        attn = model.language_model.model.layers[i].attn
+        attn = _attention(model, i)
         attn.keep_probs, attn.probs = on, None
 
 
