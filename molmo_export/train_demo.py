@@ -15,6 +15,12 @@ then on 1-2 and finally 1-4 shapes. The loss is cross-entropy over the answer to
 closing EOS) only, averaged per question (a one-word colour weighs as much as a 50-token point);
 the LM head runs only at those positions. Training draws scenes from seeds that never equal the
 held-out set's (HELDOUT_SEED).
+
+Opt-in training signals for pointing (TrainSettings, all off by default; none of them is in the
+saved model): attention supervision towards the named shape's image tokens, a bound on the image
+tokens' RMS, a discarded linear head that keeps the tokens' grid position readable, extra weight
+on the coordinate digits, and a sin/cos init of the ViT position embeddings (docs/demo_model.md,
+"Attention supervision").
 """
 
 from __future__ import annotations
