@@ -71,14 +71,31 @@ def attend_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the official code (float32_attention=True); the result is cast back to q's dtype.
     """
     b, h, t, hd = q.shape
+    probs = _grouped_probs(q, k, allowed)
+    return torch.matmul(probs, v.float()).reshape(b, h, t, hd).to(q.dtype)
+
+
+def _grouped_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities [B, n_kv, g*T, S] (float32), rows ordered (head in group,
+    position): see attend_grouped."""
+    b, h, t, hd = q.shape
     n_kv, s = k.shape[1], k.shape[2]
     g = h // n_kv
     scale = hd**-0.5
     qg = q.float().reshape(b, n_kv, g * t, hd)  # rows ordered (head in group, position)
     scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, n_kv, g*T, S]
     scores = scores.reshape(b, n_kv, g, t, s).masked_fill(~allowed[:, :, None], MASK_VALUE)
-    probs = F.softmax(scores, dim=-1).reshape(b, n_kv, g * t, s)
-    return torch.matmul(probs, v.float()).reshape(b, h, t, hd).to(q.dtype)
+    return F.softmax(scores, dim=-1).reshape(b, n_kv, g * t, s)
+
+
+def attend_grouped_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_grouped, and its attention probabilities [B, H, T, S] (float32): for training
+    only (an auxiliary loss on where the decoder looks), never in an exported graph."""
+    b, h, t, hd = q.shape
+    probs = _grouped_probs(q, k, allowed)
+    out = torch.matmul(probs, v.float()).reshape(b, h, t, hd).to(q.dtype)
+    return out, probs.reshape(b, h, t, k.shape[2])
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from molmo_export.model.layers import (
     SwiGLU,
     apply_rope,
     attend_grouped,
+    attend_grouped_with_probs,
     causal_padding_mask,
     merge_heads,
     rope_cos_sin,
@@ -46,6 +47,11 @@ class TextAttention(nn.Module):
         # QK-norm (7B-O, MolmoE): over the whole q / k vectors, not per head (golden README §7.5).
         self.q_norm = RMSNorm(q_dim, cfg.layer_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(kv_dim, cfg.layer_norm_eps) if cfg.qk_norm else None
+        # Opt-in, for training only (molmo_export.train_demo's attention supervision): with
+        # keep_probs set, each forward leaves its attention probabilities [B, H, T, P+T] in
+        # self.probs. Off (the default), the forward and every exported graph are unchanged.
+        self.keep_probs = False
+        self.probs: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 allowed: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -63,7 +69,10 @@ class TextAttention(nn.Module):
             v_all = torch.cat((past[1][:, :, :past_len], v), dim=2)
         else:
             k_all, v_all = k, v
-        out = attend_grouped(q, k_all, v_all, allowed)  # [B, H, T, hd]
+        if self.keep_probs:
+            out, self.probs = attend_grouped_with_probs(q, k_all, v_all, allowed)
+        else:
+            out = attend_grouped(q, k_all, v_all, allowed)  # [B, H, T, hd]
         return self.wo(merge_heads(out)), (k, v)
 
 

@@ -106,9 +106,7 @@ def test_trained_demo_points_at_the_red_circle(demo_artifact: Path, tmp_path: Pa
     x, y = (float(v.split("=")[1]) for v in point_line.split()[1:3])
     assert out.stat().st_size > 0
     cx, cy, r = RED_CIRCLE
-    if (x - cx) ** 2 + (y - cy) ** 2 >= r**2:
-        pytest.xfail(f"the point ({x:.1f}, {y:.1f}) is off the red circle: the shipped demo "
-                     "weights (a 300-step CPU run) do not use the image yet (docs/demo_model.md)")
+    assert (x - cx) ** 2 + (y - cy) ** 2 < r**2, f"({x:.1f}, {y:.1f}) is off the red circle"
 
 
 def test_molmo_run_cli_error_is_one_line(tmp_path: Path) -> None:
