@@ -169,10 +169,10 @@ class Batcher:
         return (scene, *render(scene))
 
     def encode(self, image: np.ndarray, question: Question,
-               labels_map: np.ndarray | None = None) -> dict[str, Any]:
-        """Model inputs and answer labels; with the scene's label map (render), also "focus":
-        for each position that predicts a coordinate digit of a pointing answer, that position
-        and the image-token positions that hold the shape the coordinate belongs to."""
+               cover: np.ndarray | None = None) -> dict[str, Any]:
+        """Model inputs and answer labels; with the scene's token_cover, also "focus": for each
+        position that predicts a coordinate digit of a pointing answer, that position and the
+        image-token positions that hold the shape the coordinate belongs to."""
         inputs = self.processor(images=image, text=question.prompt)
         answer = self.processor.tokenizer.encode(" " + question.answer) + [self.eos]
         prompt = inputs["input_ids"]
@@ -182,17 +182,16 @@ class Batcher:
         # position before each of them
         labels[len(prompt) - 1:-1] = answer
         inputs["labels"] = labels
-        if labels_map is not None and question.kind in ("point", "point_all"):
-            inputs["focus"] = self._focus(question, answer, len(prompt) - 1, labels_map,
+        if cover is not None and question.kind in ("point", "point_all"):
+            inputs["focus"] = self._focus(question, answer, len(prompt) - 1, cover,
                                           inputs["image_input_idx"])
         return inputs
 
     def _focus(self, question: Question, answer: list[int], first: int,
-               labels_map: np.ndarray, image_input_idx: np.ndarray
+               cover: np.ndarray, image_input_idx: np.ndarray
                ) -> list[tuple[int, np.ndarray]]:
-        cover = token_cover(self.processor.image_processor, labels_map)  # [crops, tokens, shapes]
-        if self.focus_global:
-            cover[1:] = False
+        if self.focus_global:  # the global crop's tokens only (cover is the scene's, shared)
+            cover = np.concatenate((cover[:1], np.zeros_like(cover[1:])))
         text = " " + question.answer  # what `answer` encodes (then EOS)
         numbers = [m.span(1) for m in re.finditer(r'="(\d+)"', text)]  # x, y of each point
         out, start = [], 0
@@ -215,11 +214,11 @@ class Batcher:
         rows = []
         for k in range(scenes):
             scene, image, labels_map = self.sample(max_shapes)
+            # [crops, tokens, shapes], once per scene
+            cover = token_cover(self.processor.image_processor, labels_map) if focus else None
             for q in range(per_scene):
-                row = self.encode(image, sample_question(scene, self.rng, mix),
-                                  labels_map if focus else None)
-                if focus and q == 0:  # the global crop's tokens that hold a shape
-                    cover = token_cover(self.processor.image_processor, labels_map)
+                row = self.encode(image, sample_question(scene, self.rng, mix), cover)
+                if cover is not None and q == 0:  # the global crop's tokens that hold a shape
                     row["global_shape"] = cover[0].any(-1)
                 rows.append({**row, "scene": k})
         return collate(rows, pad_id=self.eos)

@@ -102,7 +102,7 @@ def test_focus_marks_the_coordinate_digits_and_the_shapes_image_tokens(tmp_path:
 
     batcher = Batcher(processor, 5)
     question = ask(scene, "point", np.random.default_rng(0))
-    row = batcher.encode(image, question, labels)
+    row = batcher.encode(image, question, cover)
     ids = row["input_ids"]
     digits = [processor.tokenizer.decode([int(ids[pos + 1])]) for pos, _ in row["focus"]]
     assert "".join(digits) == "".join(c for c in question.answer.split("alt")[0] if c.isdigit())
