@@ -39,12 +39,16 @@ from molmo_runtime.manifest import Manifest, load_manifest
 
 
 def decoder_backend(m: Manifest, path: Path, flavour: str, threads: int | None,
-                    profile: str | None = None) -> OrtBackend:
-    """The runtime's ORT backend over one decoder file (only the decoder graph is loaded)."""
+                    profile: str | None = None, huge_pages: bool | None = None) -> OrtBackend:
+    """The runtime's ORT backend over one decoder file (only the decoder graph is loaded);
+    huge_pages None: as the runtime decides (molmo_runtime.huge_pages), waited for."""
     from molmo_export.export.fused_artifact import decoder_view
 
-    return OrtBackend(decoder_view(m, path, flavour), providers=["CPUExecutionProvider"],
-                      threads=threads, graphs=(DECODER,), profile_prefix=profile)
+    backend = OrtBackend(decoder_view(m, path, flavour), providers=["CPUExecutionProvider"],
+                         threads=threads, graphs=(DECODER,), profile_prefix=profile,
+                         huge_pages=huge_pages)
+    backend.huge_pages.wait()
+    return backend
 
 
 def make_decoders(m: Manifest, precision: str, work: Path, log: Callable[[str], None]

@@ -108,8 +108,10 @@ class GenaiDecoder:
     """onnxruntime-genai's decoder graph driven step by step with a plain ORT session."""
 
     def __init__(self, folder: Path, threads: int | None, max_len: int,
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, huge_pages: bool = False) -> None:
         import onnxruntime as ort
+
+        from molmo_runtime.huge_pages import collapse_new_memory
 
         full = json.loads((folder / "genai_config.json").read_text())
         dec = full["model"]["decoder"]
@@ -121,8 +123,10 @@ class GenaiDecoder:
         if profile:
             so.enable_profiling = True
             so.profile_file_prefix = profile
-        self.sess = ort.InferenceSession(str(folder / dec["filename"]), so,
-                                         providers=["CPUExecutionProvider"])
+        with collapse_new_memory(huge_pages) as self.huge_pages:
+            self.sess = ort.InferenceSession(str(folder / dec["filename"]), so,
+                                             providers=["CPUExecutionProvider"])
+        self.huge_pages.wait()
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.layers, self.kv = dec["num_hidden_layers"], dec["num_key_value_heads"]
         self.hd, self.max_len = dec["head_size"], max_len
@@ -181,18 +185,27 @@ def logits_check(m: Any, emb: np.ndarray, mine: Any, peer: GenaiDecoder,
             "same_top1": bool((x.argmax(-1) == y.argmax(-1)).all())}
 
 
+# --pages: whose weights go on 2 MiB pages (molmo_runtime.huge_pages). "runtime": ours as our
+# runtime runs it, the peer's as a plain session (genai's runtime does not collapse them);
+# "none" and "both": the graphs alone on equal pages.
+PAGES = {"runtime": (None, False), "none": (False, False), "both": (True, True)}
+
+
 def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], steps: int,
-              rounds: int, threads: int | None) -> dict[str, Any]:
+              rounds: int, threads: int | None, pages: str = "runtime") -> dict[str, Any]:
     from molmo_runtime.manifest import load_manifest
     from fused_vs_portable import decoder_backend
 
     m = load_manifest(artifact, "size")
     emb = np.load(m.path("embed_tokens.npy"), mmap_mode="r")
-    mine = decoder_backend(m, Path(ours), "ort", threads)
-    peer = GenaiDecoder(Path(genai_folder), threads, m.dims.max_seq_len)
+    ours_huge, peer_huge = PAGES[pages]
+    mine = decoder_backend(m, Path(ours), "ort", threads, huge_pages=ours_huge)
+    peer = GenaiDecoder(Path(genai_folder), threads, m.dims.max_seq_len, huge_pages=peer_huge)
     rng = np.random.default_rng(0)
     check = logits_check(m, emb, mine, peer, rng)
-    print(json.dumps({"logits_check": check}), flush=True)
+    pages_used = {"pages": pages, "ours": mine.huge_pages.summary(),
+                  "genai": peer.huge_pages.summary()}
+    print(json.dumps({"logits_check": check, **pages_used}), flush=True)
     per_round: list[dict[str, dict[str, float]]] = [{"ours": {}, "genai": {}}
                                                     for _ in range(rounds)]
     # as fused_vs_portable.measure: the first context's prefill is timed every round; longer
@@ -236,7 +249,7 @@ def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], 
             res["genai"][f"decode_ms@{ctx}"] = float(np.median(b))
             print(json.dumps({"context": ctx, "round": r, "ours": res["ours"],
                               "genai": res["genai"]}), flush=True)
-    summary: dict[str, Any] = {"logits_check": check}
+    summary: dict[str, Any] = {"logits_check": check, **pages_used}
     for key in per_round[0]["ours"]:
         ratios = [x["ours"][key] / x["genai"][key] for x in per_round]
         summary[key] = {
@@ -333,6 +346,8 @@ def main() -> int:
     t.add_argument("--steps", type=int, default=16)
     t.add_argument("--rounds", type=int, default=3)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--pages", choices=tuple(PAGES), default="runtime",
+                   help="whose weights go on 2 MiB pages (see PAGES)")
     t.add_argument("--json", default=None)
     args = p.parse_args()
     if args.cmd == "convert":
@@ -353,7 +368,7 @@ def main() -> int:
     load = os.getloadavg()
     summary = time_both(args.artifact, args.genai_folder, args.ours,
                         [int(x) for x in args.contexts.split(",")], args.steps, args.rounds,
-                        args.threads)
+                        args.threads, args.pages)
     report = {"summary": summary, "load_avg_before": load, "load_avg_after": os.getloadavg(),
               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(report, indent=1))

@@ -3,7 +3,8 @@ decode step latency against the context, peak memory and the memory-bandwidth bo
 against the PyTorch reference on the same weights and inputs.
 
     bandwidth + GEMM probe ─► open pipeline [+ torch reference in a child process]
-      ─► warm-ups ─► N timed generations ─► decode steps per context
+      ─► warm-ups ─► N timed generations, each followed by a bandwidth probe ─► decode steps
+         per context
          (with torch: the two stacks alternate step by step)
       ─► peak RSS ─► close ─► probes again ─► limits, speedups ─► JSON + markdown + PNG
 """
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from molmo_runtime.manifest import load_manifest
     from molmo_runtime.pipeline import MolmoPipeline
 
-    from molmo_bench.bandwidth import decoder_weight_bytes, measure_in_subprocess
+    from molmo_bench.bandwidth import Bandwidth, decoder_weight_bytes, measure_in_subprocess
     from molmo_bench.flops import stage_flops
     from molmo_bench.inputs import image_inputs, synthetic_inputs
     from molmo_bench.machine import load_average, machine_info, physical_cores
@@ -166,12 +167,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                                       verify="none")  # sizes were checked above
         load_s = time.perf_counter() - start
         backend_name = pipe.backend.name
+        # measured with the decoder's weights where they will stay (huge_pages.py), not while
+        # the background collapse is still copying them
+        huge = getattr(pipe.backend, "huge_pages", None)
+        huge_pages = huge.summary() if huge is not None else None  # summary() waits
+        if huge_pages:
+            log(huge_pages)
         log(f"{backend_name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
             f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}"
             + (", interleaved step by step with the PyTorch reference" if interleave else ""))
         runtime_bench = StackBench(backend_name, pipe, inputs, settings, log=log)
+        paired: list[Bandwidth] = []
         for kind, index in plan(settings):
             runtime_bench.step(kind, index)
+            if kind == "run":  # the bandwidth this run had, as near in time as can be
+                paired.append(measure_in_subprocess(threads, args.bandwidth_mb)[0])
+                log(f"[{backend_name}] bandwidth probe after run {index + 1}: "
+                    f"{paired[-1].read_gb_per_s:.1f} GB/s")
             if worker is not None:
                 time.sleep(SWITCH_PAUSE_S)
                 worker.step(kind, index)
@@ -199,9 +211,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     log("memory bandwidth and GEMM probes, again (the best of both runs is the limit)")
     bandwidth_after, gflops_after = measure_in_subprocess(threads, args.bandwidth_mb)
     bandwidth, gemm_gflops = bandwidth.merge(bandwidth_after), max(gemm_gflops, gflops_after)
+    for probe in paired:
+        bandwidth = bandwidth.merge(probe)
     weight_bytes, weight_method = decoder_weight_bytes(manifest.directory, decoder_file)
     flops = stage_flops(manifest.model_config, runtime["crops"], runtime["prefill_tokens"])
-    runtime = with_limits(runtime, weight_bytes, bandwidth.read_gb_per_s, flops, gemm_gflops)
+    runtime = with_limits(runtime, weight_bytes, bandwidth.read_gb_per_s, flops, gemm_gflops,
+                          [p.read_gb_per_s for p in paired])
     if torch_result is not None:
         torch_result = with_limits(torch_result, torch_result["weight_bytes"],
                                    bandwidth.read_gb_per_s, flops, gemm_gflops)
@@ -217,6 +232,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "backend": backend_name,
         "threads": threads,
         "open_s": load_s,
+        "huge_pages": huge_pages,
         "inputs": inputs.describe(),
         "settings": {"interleaved": interleave, "new_tokens": settings.new_tokens,
                      "runs": settings.runs, "warmup": settings.warmup,

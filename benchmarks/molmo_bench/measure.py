@@ -197,6 +197,7 @@ def summarize(samples: list[GenerationSample], by_context: dict[str, dict[str, f
         "prefill_tokens": samples[0].prefill_tokens,
         "crops": samples[0].crops,
         "decode": decode,
+        "decode_runs_tokens_per_s": [1000.0 * len(s.token_ms) / sum(s.token_ms) for s in samples],
         "decode_step_ms_by_context": {c: v["p50_ms"] for c, v in by_context.items()},
         "decode_step_by_context": by_context,
         "context_growth": growth,  # decode step at the longest / at the shortest context

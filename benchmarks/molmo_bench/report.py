@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from molmo_bench.flops import compute_fractions
 
 STAGE_LABELS = {"preprocess": "preprocess", "vision": "vision encoder",
@@ -11,14 +13,23 @@ STAGE_LABELS = {"preprocess": "preprocess", "vision": "vision encoder",
 
 
 def with_limits(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: float,
-                flops: dict[str, float] | None = None, gemm_gflops: float | None = None
-                ) -> dict[str, Any]:
+                flops: dict[str, float] | None = None, gemm_gflops: float | None = None,
+                paired_gb_per_s: list[float] | None = None) -> dict[str, Any]:
     """Add the machine-limit figures. Decode: weight bytes read per token x tokens/s / read
-    bandwidth. TTFT stages: achieved GFLOP/s / the measured GEMM rate."""
+    bandwidth (the best probe of the whole benchmark), and, with `paired_gb_per_s` (a probe
+    right after each run), run by run against its own probe: on a VM whose neighbours take a
+    varying share of the memory bandwidth, the best probe may come from a quieter moment than
+    the runs. TTFT stages: achieved GFLOP/s / the measured GEMM rate."""
     tokens_per_s = stack["decode"]["tokens_per_s"]
     stack = dict(stack, weight_bytes=weight_bytes)
     stack["bandwidth_bound_tokens_per_s"] = read_gb_per_s * 1e9 / weight_bytes
     stack["bandwidth_fraction"] = weight_bytes * tokens_per_s / (read_gb_per_s * 1e9)
+    if paired_gb_per_s:
+        runs = [weight_bytes * r / (gbs * 1e9)
+                for r, gbs in zip(stack["decode_runs_tokens_per_s"], paired_gb_per_s)]
+        stack["bandwidth_fraction_paired"] = {
+            "median": float(np.median(runs)), "min": min(runs), "max": max(runs),
+            "runs": runs, "probes_gb_per_s": paired_gb_per_s}
     if flops is not None and gemm_gflops is not None:
         stack["compute_fraction"] = compute_fractions(stack, flops, gemm_gflops)
     return stack
@@ -69,6 +80,9 @@ def _rows(stack: dict[str, Any]) -> list[str]:
     rows += [_fmt(ms, 2) for ms in stack["decode_step_ms_by_context"].values()]
     rows += [_fmt(stack["context_growth"], 2) + "×", _fmt(stack["peak_rss_mb"]),
              _fmt(stack.get("bandwidth_fraction"), 2)]
+    paired = stack.get("bandwidth_fraction_paired")
+    rows.append(f"{paired['median']:.2f} ({paired['min']:.2f}–{paired['max']:.2f})"
+                if paired else "—")
     cf = stack.get("compute_fraction", {})
     rows.append(" / ".join(_fmt(cf.get(s), 2) for s in ("vision", "connector", "prefill")))
     return rows
@@ -90,6 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
               + [f"decode step at context {c} (ms, median)" for c in ctxs]
               + [f"step growth, context {ctxs[-1]} / {ctxs[0]}", "peak RSS (MB)",
                  "bandwidth fraction of decode",
+                 "· run by run, each against a probe right after it: median (min–max)",
                  "compute fraction: vision / connector / prefill"])
     name = f"{art['model']} {art['target']} ({report['backend']})"
     columns = [_rows(report)]
@@ -106,7 +121,7 @@ def markdown(report: dict[str, Any]) -> str:
                     for s in STAGE_LABELS]
                  + [_fmt(sp["decode"], 2) + "×", _fmt(sp["decode_p50"], 2) + "×", ""]
                  + [_fmt(v, 2) + "×" for v in sp["decode_step_by_context"].values()]
-                 + ["", "", "", ""])
+                 + ["", "", "", "", ""])
         columns.append(ratio)
     lines = [f"#### molmo-bench: {name}", "",
              (f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "

@@ -91,6 +91,9 @@ def test_bench_cli_on_demo_is_torch_free(demo_artifact: Path, tmp_path: Path) ->
     assert {"sum_1_threads", "blas_gemv"} <= set(bw["by_method"])
     assert report["bandwidth_fraction"] == pytest.approx(
         report["weight_bytes"] * report["decode"]["tokens_per_s"] / (bw["read_gb_per_s"] * 1e9))
+    paired = report["bandwidth_fraction_paired"]  # one probe after each of the 2 runs
+    assert len(paired["runs"]) == len(paired["probes_gb_per_s"]) == 2
+    assert max(paired["probes_gb_per_s"]) <= bw["read_gb_per_s"]  # the best counts them too
     # per crop: its pooled tokens, one column marker per row of them, start and end markers
     per_crop = load_manifest(demo_artifact).dims.tokens_per_crop
     per_crop += math.isqrt(per_crop) + 2
@@ -220,6 +223,12 @@ def test_bandwidth_arithmetic() -> None:
     out = with_limits(stack, weight_bytes=2_000_000_000, read_gb_per_s=25.0)
     assert out["bandwidth_fraction"] == pytest.approx(0.8)  # 2 GB x 10 /s of 25 GB/s
     assert out["bandwidth_bound_tokens_per_s"] == pytest.approx(12.5)
+    # run by run against the probe after each: 2 GB x 10 / 40 GB/s, x 12 / 30, x 8 / 20
+    stack["decode_runs_tokens_per_s"] = [10.0, 12.0, 8.0]
+    paired = with_limits(stack, 2_000_000_000, 40.0, paired_gb_per_s=[40.0, 30.0, 20.0])
+    assert paired["bandwidth_fraction_paired"]["runs"] == pytest.approx([0.5, 0.8, 0.8])
+    assert paired["bandwidth_fraction_paired"]["median"] == pytest.approx(0.8)
+    assert paired["bandwidth_fraction_paired"]["min"] == pytest.approx(0.5)
     runtime = {"decode": {"tokens_per_s": 9.0}, "ttft_ms": {"total": 100.0, "vision": 50.0,
                "connector": 10.0, "prefill": 40.0, "preprocess": 0.0},
                "decode_step_ms_by_context": {"64": 100.0}}

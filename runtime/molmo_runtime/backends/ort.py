@@ -25,6 +25,7 @@ import numpy as np
 from molmo_runtime.backends.base import Backend, DecodeState, cache_shape, check_cache_size
 from molmo_runtime.errors import InputError, require
 from molmo_runtime.graph_io import CONNECTOR, DECODER, VISION_ENCODER
+from molmo_runtime.huge_pages import collapse_new_memory, enabled_by_env
 from molmo_runtime.manifest import Manifest
 
 
@@ -49,7 +50,7 @@ class OrtBackend(Backend):
     def __init__(self, manifest: Manifest, providers: list[str] | None = None,
                  threads: int | None = None,
                  graphs: tuple[str, ...] = (VISION_ENCODER, CONNECTOR, DECODER),
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, huge_pages: bool | None = None) -> None:
         ort: Any = require("onnxruntime", "ort", "the ONNX Runtime backend")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
@@ -63,11 +64,19 @@ class OrtBackend(Backend):
         self.providers = providers or default_providers()
         self.dims = manifest.dims
         specs = manifest.graphs
-        self._sessions = {
-            name: ort.InferenceSession(str(manifest.graph_path(specs[name])), options,
-                                       providers=self.providers)
-            for name in graphs  # all three, or a subset for tools that check one graph
-        }
+
+        def session(name: str) -> Any:
+            return ort.InferenceSession(str(manifest.graph_path(specs[name])), options,
+                                        providers=self.providers)
+
+        # all three, or a subset for tools that check one graph; the decoder last, so that the
+        # memory mapped while building it is its own (huge_pages)
+        self._sessions = {name: session(name) for name in graphs if name != DECODER}
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        with collapse_new_memory(on_cpu and (enabled_by_env() if huge_pages is None
+                                             else huge_pages)) as self.huge_pages:
+            if DECODER in graphs:
+                self._sessions[DECODER] = session(DECODER)
         spec = specs[DECODER]
         self._in_place = manifest.decoder_flavour == "ort"
         self._past_names = [t.name for t in spec.inputs[3:]]
