@@ -1,7 +1,8 @@
-"""A streamed quantized artifact records "quality": {"measured": false} (no fp32 reference run
-fits at 7B): molmo-run says so on every run, and molmo-verify says that there is nothing to hold
-it to, instead of loading a reference model it cannot use (32 GB at 7B) and then failing on the
-missing quality report."""
+"""A quantized artifact that records "quality": {"measured": false} (streamed before the
+layer-streamed reference existed, or from a checkpoint without a tokenizer): molmo-run says so
+on every run, and molmo-verify says that there is nothing to hold it to, instead of loading a
+reference model it cannot use (32 GB at 7B) and then failing on the missing quality report.
+Streamed exports now measure their quality: tests/scale/test_layer_reference.py."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def test_molmo_verify_says_there_is_nothing_to_verify_against(
     assert main_verify([str(artifact)]) == 2
     err = capsys.readouterr().err
     assert "nothing to verify against" in err and "never measured" in err
+    assert "export it again" in err  # the fix
     assert "loading the reference" not in err  # refused before loading it
 
 
