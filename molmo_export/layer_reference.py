@@ -20,6 +20,7 @@ argmax differs, so the greedy-prefix metric is exact too.
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,8 +87,14 @@ class LayerStreamedReference:
             return features, tokens
         start = time.perf_counter()
         vision = self._load(self.skeleton.vision)
+        seen: dict[bytes, np.ndarray] = {}  # prompts on one image share its crops
         for i in with_images:
-            features[i] = vision(torch.from_numpy(samples[i].images)).numpy()
+            images = samples[i].images
+            assert images is not None
+            key = hashlib.sha256(images.tobytes()).digest()
+            if key not in seen:
+                seen[key] = vision(torch.from_numpy(images)).numpy()
+            features[i] = seen[key]
         self._free(vision)
         connector = self._load(self.skeleton.connector)
         for i in with_images:
