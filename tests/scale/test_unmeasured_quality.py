@@ -60,3 +60,22 @@ def test_molmo_run_notes_unmeasured_quality(tmp_path: Path,
     main([str(artifact), "--prompt", "hello", "--max-new-tokens", "1"])  # (fake graphs)
     assert "molmo-run: note: the quality of this ort-int4 artifact was never measured" in \
         capsys.readouterr().err
+
+
+def test_a_streamed_export_without_a_tokenizer_records_unmeasured_quality(
+        tmp_path: Path, golden: Path) -> None:
+    """The golden model has no tokenizer: the calibration prompts cannot be run, so the streamed
+    quantized artifact says so instead of carrying a report."""
+    pytest.importorskip("torch")
+    from molmo_export.export import export_artifact
+    from molmo_runtime.manifest import load_manifest
+
+    lines: list[str] = []
+    manifest = load_manifest(export_artifact(
+        golden / "model", "ort-int8", tmp_path / "int8", max_seq_len=256, stream=True,
+        verify=False, progress=False, log=lines.append))
+    assert manifest.raw["quality"]["measured"] is False
+    assert manifest.unmeasured_quality is not None and "no tokenizer" in \
+        manifest.unmeasured_quality
+    assert any("was not measured" in line for line in lines)
+    assert "quality_report.json" not in manifest.files
