@@ -8,6 +8,10 @@ the fp32 side: the PyTorch reference stands in for the fp32 ONNX graphs (which a
 does not keep). The two agree within the "verify/decode_logits" bound, so a top-1 agreement is
 counted only where the reference's top-1/top-2 margin exceeds twice that bound; below it the fp32
 top-1 itself is undefined to fp32 precision.
+
+Where the model is too big to load (a CheckpointWeights is passed instead of the model), the
+reference is the layer-streamed one (molmo_export.layer_reference), teacher-forced on the
+quantized model's own greedy tokens, as the streaming export measured it.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import numpy as np
 import torch
 
 from molmo_calibration.calibration_set import load_calibration_set
+from molmo_calibration import evaluate
 from molmo_calibration.evaluate import GraphRunner, KVCache, prepare_samples, run_sample
 from molmo_calibration.report import Thresholds, compare
+from molmo_export.layer_reference import quantized_graph_files, streamed_traces
 from molmo_export.model import MolmoForConditionalGeneration
 from molmo_export.verify import StageResult
+from molmo_export.weights import CheckpointWeights
 from molmo_runtime.errors import ArtifactError
 from molmo_runtime.graph_io import GraphDims
-from molmo_runtime.manifest import load_manifest
+from molmo_runtime.manifest import Manifest, load_manifest
 from molmo_runtime.tolerances import TABLE
 
 Log = Callable[[str], None]
@@ -69,7 +76,7 @@ class TorchRunner:
         return lm.lm_head(hidden[:, -1])[0].numpy()
 
 
-def verify_quantized(artifact_dir: Path, ref: MolmoForConditionalGeneration,
+def verify_quantized(artifact_dir: Path, ref: MolmoForConditionalGeneration | CheckpointWeights,
                      log: Log = print) -> list[StageResult]:
     manifest = load_manifest(artifact_dir, verify="full", allow_unverified=True)
     report_file = manifest.path(manifest.raw.get("quality", {}).get("report",
@@ -85,21 +92,11 @@ def verify_quantized(artifact_dir: Path, ref: MolmoForConditionalGeneration,
     if calibration.get("set_sha256") not in (None, cs.sha256):
         log(f"[molmo-verify] note: calibration set {calibration['set']!r} changed since export")
     held = [s for s in prepare_samples(cs, artifact_dir) if s.split == "heldout"]
-    # trt-int8 keeps fp32 graphs for TensorRT's parser and its quantized ones in graphs_qdq
-    files = {name: manifest.path(g["file"]) for name, g in
-             manifest.raw.get("graphs_qdq", manifest.raw["graphs"]).items()}
-    test = GraphRunner(files, manifest.dims,
-                       np.load(manifest.path("embed_tokens.npy"), mmap_mode="r"))
-    reference = TorchRunner(ref.eval(), manifest.dims)
-    ref_traces, forced, free = [], [], []
-    with torch.no_grad():
-        for i, sample in enumerate(held, 1):
-            start = time.perf_counter()
-            ref_traces.append(run_sample(reference, sample, new_tokens))  # type: ignore[arg-type]
-            forced.append(run_sample(test, sample, new_tokens, ref_traces[-1].token_ids))
-            free.append(run_sample(test, sample, new_tokens))
-            log(f"[molmo-verify {i}/{len(held)}] held-out sample {sample.name}: "
-                f"{new_tokens} tokens ({time.perf_counter() - start:.1f} s)")
+    if isinstance(ref, CheckpointWeights):
+        ref_traces, free = streamed_traces(manifest, held, new_tokens, ref, log)
+        forced = free  # the reference was teacher-forced on the quantized model's tokens
+    else:
+        ref_traces, forced, free = _whole_model_traces(manifest, held, new_tokens, ref, log)
     stages, decoder, _ = compare(ref_traces, forced, free, [s.name for s in held])
     target = manifest.raw["quantization"]["target"]
     case = f"{target}, {len(held)} held-out samples"
@@ -123,6 +120,25 @@ def verify_quantized(artifact_dir: Path, ref: MolmoForConditionalGeneration,
         f"{decoder.top1:.2%}; gate recorded {recorded['decoder']['top1']:.2%}); "
         f"KL mean {decoder.kl_mean:.2g} nats"))
     return results
+
+
+def _whole_model_traces(manifest: Manifest, held: list[evaluate.PreparedSample],
+                        new_tokens: int, ref: MolmoForConditionalGeneration, log: Log
+                        ) -> tuple[list[evaluate.Trace], ...]:
+    """The reference's greedy traces, the quantized graphs teacher-forced on them, and free."""
+    test = GraphRunner(quantized_graph_files(manifest), manifest.dims,
+                       np.load(manifest.path("embed_tokens.npy"), mmap_mode="r"))
+    reference = TorchRunner(ref.eval(), manifest.dims)
+    ref_traces, forced, free = [], [], []
+    with torch.no_grad():
+        for i, sample in enumerate(held, 1):
+            start = time.perf_counter()
+            ref_traces.append(run_sample(reference, sample, new_tokens))  # type: ignore[arg-type]
+            forced.append(run_sample(test, sample, new_tokens, ref_traces[-1].token_ids))
+            free.append(run_sample(test, sample, new_tokens))
+            log(f"[molmo-verify {i}/{len(held)}] held-out sample {sample.name}: "
+                f"{new_tokens} tokens ({time.perf_counter() - start:.1f} s)")
+    return ref_traces, forced, free
 
 
 def well_conditioned_top1(ref: list, test: list) -> tuple[float, int]:

@@ -225,12 +225,16 @@ class Verifier:
 
 def verify_artifact(artifact_dir: str | os.PathLike[str],
                     ref: MolmoForConditionalGeneration | str | os.PathLike[str] | None = None,
-                    greedy_tokens: int = 8, log: Log = print) -> list[StageResult]:
+                    greedy_tokens: int = 8, log: Log = print,
+                    layer_streamed: bool | None = None) -> list[StageResult]:
     """Run every stage, print the table, raise MolmoError if any stage fails.
 
     `ref` is the reference model, or the checkpoint directory / preset it was exported from
     (defaults to the manifest's recorded source). fp32 artifacts are held to the fp32 bounds,
     quantized ones to their quality report's thresholds (see the module docstring).
+    layer_streamed: check a quantized artifact against the layer-streamed reference
+    (molmo_export.layer_reference) instead of the loaded model; None: where the checkpoint is
+    too big to load (the size rule that makes the export stream).
     """
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir, "none", allow_unverified=True)
@@ -239,13 +243,23 @@ def verify_artifact(artifact_dir: str | os.PathLike[str],
         raise MolmoError(
             f"{artifact_dir}: nothing to verify against: {manifest.unmeasured_quality}. "
             "molmo-verify holds a quantized artifact to the thresholds of its own quality report. "
-            "To measure one: export it without --stream where the fp32 model fits in memory "
-            "(the quality gate then runs); the stage-by-stage reference for 7B and larger "
-            "is not built yet (docs/scale.md, 'Quality at 7B')")
+            "To measure one: export it again with this version of molmo-export (a streaming "
+            "export now measures it against the layer-streamed fp32 reference; "
+            "docs/scale.md, 'Quality at 7B')")
     if not isinstance(ref, MolmoForConditionalGeneration):
+        from molmo_export.export import too_big_to_load
         from molmo_export.export.onnx_export import resolve_checkpoint
 
         source = ref if ref is not None else manifest.raw["model"]["source"]
+        if quantized and (too_big_to_load(source) if layer_streamed is None
+                          else layer_streamed):
+            from molmo_export.quantized_check import verify_quantized
+            from molmo_export.weights import CheckpointWeights
+
+            log(f"[molmo-verify] reference: layer-streamed from {source}")
+            results = verify_quantized(
+                artifact_dir, CheckpointWeights(resolve_checkpoint(source)), log)
+            return _report(results, log)
         log(f"[molmo-verify] loading the reference model from {source}")
         ref = MolmoForConditionalGeneration.from_pretrained(resolve_checkpoint(source))
     if quantized:
@@ -254,6 +268,10 @@ def verify_artifact(artifact_dir: str | os.PathLike[str],
         results = verify_quantized(artifact_dir, ref, log)
     else:
         results = Verifier(artifact_dir, ref).run_all(greedy_tokens, log)
+    return _report(results, log)
+
+
+def _report(results: list[StageResult], log: Log) -> list[StageResult]:
     log(format_table(results))
     failed = [r for r in results if not r.passed]
     if failed:

@@ -135,6 +135,34 @@ def demo_quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return get
 
 
+@pytest.fixture(scope="session")
+def demo_streamed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Callable[[str], Path]:
+    """target -> the demo exported with `--stream` once per session (the demo artifact's
+    max_seq_len). Quantized targets measure their quality against the layer-streamed reference;
+    allow_degraded: int4 on the demo is below the int8-level top-1 gate (the in-memory path
+    passes it on the shapes task, which needs the fp32 graphs a streaming export never has)."""
+    pytest.importorskip("torch")
+    from molmo_calibration.report import QualityWarning
+    from molmo_export.export import export_artifact
+    from molmo_runtime.manifest import load_manifest
+
+    made: dict[str, Path] = {}
+
+    def get(target: str) -> Path:
+        if target not in made:
+            dims = load_manifest(request.getfixturevalue("demo_artifact"), "none").dims
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", QualityWarning)
+                made[target] = export_artifact(
+                    "demo", target, tmp_path_factory.mktemp("demo-streamed") / target,
+                    max_seq_len=dims.max_seq_len, stream=True, verify=False,
+                    allow_degraded=True, progress=False, log=lambda s: None)
+        return made[target]
+
+    return get
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _hash_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Artifact hash caches (molmo_runtime.hash_cache) of the test run go to a temporary folder,

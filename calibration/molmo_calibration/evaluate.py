@@ -122,7 +122,11 @@ class GraphRunner:
         self.embed_tokens = embed_tokens  # [vocab rows + extra, D]
         self.sessions = {name: ort.InferenceSession(  # type: ignore[attr-defined]
             str(path), so, providers=["CPUExecutionProvider"]) for name, path in files.items()}
-        self._decoder_outputs = [o.name for o in self.sessions[DECODER].get_outputs()]
+        outputs = self.sessions[DECODER].get_outputs()
+        self._decoder_outputs = [o.name for o in outputs]
+        # the "ort" decoder flavour (graph_io) returns the whole cache buffers as present.*
+        self._whole_present = any(o.name == present_key_name(0) and o.shape[2] == "cache"
+                                  for o in outputs)
 
     def vision(self, images: np.ndarray) -> np.ndarray:
         return self.sessions[VISION_ENCODER].run(None, {"images": images})[0]  # [crops, 576, F]
@@ -159,10 +163,10 @@ class GraphRunner:
         seq = embeds.shape[1]
         outs = dict(zip(self._decoder_outputs,
                         self.sessions[DECODER].run(None, self.decoder_feed(embeds, cache))))
-        start = cache.length
+        new = slice(None) if self._whole_present else slice(cache.length, cache.length + seq)
         for i in range(self.dims.num_layers):
-            cache.keys[i][:, :, start:start + seq] = outs[present_key_name(i)]
-            cache.values[i][:, :, start:start + seq] = outs[present_value_name(i)]
+            cache.keys[i][:, :, new] = outs[present_key_name(i)]
+            cache.values[i][:, :, new] = outs[present_value_name(i)]
         cache.length += seq
         return outs["logits"][0, -1]
 

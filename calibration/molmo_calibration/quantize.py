@@ -155,17 +155,8 @@ def _quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: T
                                 TASK_MAX_DROP[recipe.target], task_questions, threads)
             report = dataclasses.replace(report, task=task, failures=thresholds.failures(
                 report.stages, report.decoder, task))
-        (writer.staging / REPORT_JSON).write_text(report.to_json())
-        (writer.staging / REPORT_MD).write_text(report.to_markdown())
-        log(report.to_markdown())
-        if not report.passed:
-            message = (f"{recipe.target} quantization is below the quality thresholds: "
-                       + "; ".join(report.failures))
-            if not allow_degraded:
-                raise QualityError(message + ". Nothing was written. Use a larger or more "
-                                   "representative calibration set, another target, or "
-                                   "--allow-degraded to keep it anyway.", report)
-            warnings.warn(message + " (kept: --allow-degraded)", QualityWarning, stacklevel=2)
+        write_report(report, writer.staging, log)
+        apply_gate(report, allow_degraded)
         shutil.rmtree(scratch)
         writer.commit(_manifest(src, recipe, report, calibration))
     except BaseException:
@@ -175,6 +166,27 @@ def _quantize_prepared(src: Manifest, out_dir: str | os.PathLike[str], target: T
         shutil.rmtree(scratch, ignore_errors=True)
     step(f"wrote {writer.out}")
     return report
+
+
+def write_report(report: QualityReport, directory: Path, log: Log) -> list[str]:
+    """quality_report.{json,md} into `directory` (the markdown is logged too); their names."""
+    (directory / REPORT_JSON).write_text(report.to_json())
+    (directory / REPORT_MD).write_text(report.to_markdown())
+    log(report.to_markdown())
+    return [REPORT_JSON, REPORT_MD]
+
+
+def apply_gate(report: QualityReport, allow_degraded: bool) -> None:
+    """QualityError below the thresholds; with allow_degraded a QualityWarning instead."""
+    if report.passed:
+        return
+    message = (f"{report.target} quantization is below the quality thresholds: "
+               + "; ".join(report.failures))
+    if not allow_degraded:
+        raise QualityError(message + ". Nothing was written. Use a larger or more "
+                           "representative calibration set, another target, or "
+                           "--allow-degraded to keep it anyway.", report)
+    warnings.warn(message + " (kept: --allow-degraded)", QualityWarning, stacklevel=3)
 
 
 @dataclass

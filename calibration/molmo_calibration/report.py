@@ -156,6 +156,7 @@ class QualityReport:
     # decoder method -> its DecoderStats, where several were measured to choose one
     candidates: dict[str, DecoderStats] = field(default_factory=dict)
     task: TaskComparison | None = None  # shapes-task accuracy, for models trained on it
+    reference: str | None = None  # what stood in for the fp32 graphs (None: the graphs)
 
     @property
     def passed(self) -> bool:
@@ -169,7 +170,8 @@ class QualityReport:
                 "decoder": asdict(self.decoder),
                 "candidates": {k: asdict(v) for k, v in self.candidates.items()},
                 "samples": [asdict(s) for s in self.samples],
-                "task": None if self.task is None else self.task.to_dict()}
+                "task": None if self.task is None else self.task.to_dict(),
+                **({"reference": self.reference} if self.reference else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -197,6 +199,9 @@ class QualityReport:
                  f"(sha256 {str(self.calibration.get('set_sha256', ''))[:12]}…, "
                  f"{self.calibration.get('samples')} calibration samples); measured on "
                  f"{d.samples} held-out samples, {self.new_tokens} new tokens each.", "",
+                 *([f"fp32 reference: {self.reference} (on the tokens the quantized model "
+                    "generated; its greedy prefix is exact up to the first difference).", ""]
+                   if self.reference else []),
                  "| graph | method |", "|---|---|",
                  *(f"| {g} | {m} |" for g, m in self.methods.items()), "",
                  "| stage | cosine (worst) | cosine (mean) | max abs | fp32 max abs |",

@@ -92,7 +92,9 @@ def export_artifact(model: str | os.PathLike[str] = "demo", target: str = "ort-f
         return export_streaming_artifact(model, out, target=target, dtype=dtype,
                                          max_crops=max_crops, max_seq_len=max_seq_len,
                                          opset=opset, force=force, verify=verify and bool(stream),
-                                         progress=progress, fused=fused, log=log)
+                                         progress=progress, fused=fused,
+                                         calibration_set=calibration_set,
+                                         allow_degraded=allow_degraded, log=log)
     if dtype != "fp32":
         raise MolmoError(f"--dtype {dtype} needs the streaming exporter (drop --no-stream)")
     with OutputLock(out):
@@ -134,8 +136,11 @@ STREAM_ABOVE_BYTES = 4 << 30
 def _streams(model: str | os.PathLike[str], stream: bool | None, dtype: str) -> bool:
     if stream is not None:
         return stream
-    if dtype != "fp32":
-        return True
+    return dtype != "fp32" or too_big_to_load(model)
+
+
+def too_big_to_load(model: str | os.PathLike[str]) -> bool:
+    """A checkpoint over STREAM_ABOVE_BYTES (presets never are)."""
     from molmo_export.config import RANDOM_WEIGHT_PRESETS
 
     if str(model) in RANDOM_WEIGHT_PRESETS or not Path(model).is_dir():

@@ -229,6 +229,13 @@ class ArtifactWriter:
         write_manifest(self.staging, manifest)
         return manifest
 
+    def record_staged(self, relpaths: list[str]) -> None:
+        """Add files written into staging after stage_manifest to its records (the files it
+        recorded are not hashed again)."""
+        if self._records is None:
+            raise MolmoError("ArtifactWriter: record_staged before stage_manifest")
+        self._records.update({rel: file_record(self.staging, rel) for rel in relpaths})
+
     # -- commit ---------------------------------------------------------------------------------
 
     def commit(self, manifest: dict[str, Any]) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,10 @@ from molmo_export.export.graphs import ConnectorGraph, DecoderGraph, VisionEncod
 from molmo_export.export.onnx_graph import trace
 from molmo_export.weights import CheckpointWeights
 from molmo_runtime.errors import MolmoError
+from molmo_runtime.manifest import Manifest
 
 if TYPE_CHECKING:
+    from molmo_calibration.report import QualityReport
     from molmo_calibration.streaming import RowBlocks
 from molmo_runtime.graph_io import (
     CONNECTOR,
@@ -206,7 +209,10 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                               target: str = "onnx", dtype: str = "fp32", max_crops: int = 12,
                               max_seq_len: int | None = None, opset: int | None = None,
                               force: bool = False, verify: bool = False, progress: bool = True,
-                              fused: bool = True, log: Callable[[str], None] = print) -> Path:
+                              fused: bool = True,
+                              calibration_set: str | os.PathLike[str] = "default",
+                              allow_degraded: bool = False,
+                              log: Callable[[str], None] = print) -> Path:
     """Checkpoint -> artifact for `target` ("onnx", "ort-fp32", "ort-int8", "ort-int4") without
     ever holding the model: see the module docstring.
 
@@ -216,15 +222,18 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
     the decoder made for ONNX Runtime (ort_decoder, written from the checkpoint tensor by tensor,
     big weights in row blocks) where the model allows it; it is not compared with a portable
     graph here (that needs both in memory): the same builder is checked against the portable
-    graph at small scale (tests/export/test_fused_decoder.py). Their quality is NOT measured here:
-    the quality gate needs an fp32 reference run, which is what does not fit (manifest
-    "quality": {"measured": false}); measure it with molmo-calibration where the fp32 artifact
-    fits, or stage by stage.
+    graph at small scale (tests/export/test_fused_decoder.py). Their quality is measured before
+    the commit against the layer-streamed PyTorch fp32 reference (molmo_export.layer_reference:
+    one decoder layer in memory at a time), on the held-out samples of `calibration_set`, and
+    gated as the in-memory path gates it (QualityError unless allow_degraded). Without a
+    tokenizer the prompts cannot be tokenized: such an artifact says "quality":
+    {"measured": false}.
     """
     import onnxruntime
     from tqdm.auto import tqdm
 
     from molmo_calibration.ort_quant import quantize_dynamic_int8
+    from molmo_calibration.quantize import apply_gate, write_report
     from molmo_calibration.recipes import RECIPES
     from molmo_calibration.streaming import NBits, write_graph
     from molmo_export.export import FUSED_TARGETS, QUANTIZED_TARGETS
@@ -244,6 +253,7 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         write_processor_files,
     )
     from molmo_export.export.onnx_graph import DEFAULT_OPSET, check_graph_file
+    from molmo_export.layer_reference import REFERENCE
 
     if target not in ("onnx", "ort-fp32", *QUANTIZED_TARGETS) or target == "trt-int8":
         raise MolmoError(f"--stream builds onnx, ort-fp32, ort-int8 and ort-int4 artifacts, not "
@@ -324,11 +334,20 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
                               "source": {"target": "checkpoint"}},
                 calibration=None,
                 quality={"measured": False,
-                         "reason": "streaming export: no fp32 reference run fits in memory; "
-                                   "see docs/scale.md"})
-            log(f"note: the quality of this {target} artifact was not measured (streaming "
-                "export); see docs/scale.md")
-        writer.stage_manifest(manifest)
+                         "reason": "the checkpoint has no tokenizer: the calibration prompts "
+                                   "cannot be run"})
+        staged = writer.stage_manifest(manifest)
+        if recipe is not None and has_tokenizer:
+            steps.set_postfix_str("quality")
+            report = measure_streamed_quality(Manifest(writer.staging, staged), weights,
+                                              recipe.target, precision, calibration_set, log)
+            writer.record_staged(write_report(report, writer.staging, log))
+            apply_gate(report, allow_degraded)
+            manifest.update(calibration=report.calibration, quality={
+                **report.summary(), "measured": True, "reference": REFERENCE})
+        elif recipe is not None:
+            log(f"note: the quality of this {target} artifact was not measured: "
+                f"{manifest['quality']['reason']}")
         if verify and recipe is None and dtype == "fp32":
             manifest["verification"] = _verify_staged(writer.staging, checkpoint, True, log)
         else:
@@ -344,3 +363,33 @@ def export_streaming_artifact(model: str | os.PathLike[str], out: str | os.PathL
         steps.close()
     raise_if_verification_failed(manifest, out)
     return Path(out)
+
+
+def measure_streamed_quality(manifest: Manifest, weights: CheckpointWeights, target: str,
+                             methods: dict[str, str], calibration_set: str | os.PathLike[str],
+                             log: Callable[[str], None]) -> QualityReport:
+    """The in-memory path's quality report (same set, held-out samples, new tokens, thresholds
+    and metrics) with the layer-streamed reference in place of the fp32 graphs. The quantized
+    model generates freely and the reference is teacher-forced on its tokens, so the "forced"
+    and free traces are the same run. Not measured: the shapes task (it runs the fp32 graphs)."""
+    from molmo_calibration.calibration_set import load_calibration_set
+    from molmo_calibration.evaluate import prepare_samples
+    from molmo_calibration.quantize import DEFAULT_NEW_TOKENS
+    from molmo_calibration.report import QualityReport, Thresholds, compare
+    from molmo_export.layer_reference import REFERENCE, streamed_traces
+
+    cal_set = load_calibration_set(calibration_set)
+    samples = prepare_samples(cal_set, manifest)
+    held = [s for s in samples if s.split == "heldout"]
+    log(f"measuring quality: {len(held)} held-out samples of {cal_set.name!r}, "
+        f"{DEFAULT_NEW_TOKENS} tokens each, against the layer-streamed fp32 reference")
+    start = time.perf_counter()
+    ref, free = streamed_traces(manifest, held, DEFAULT_NEW_TOKENS, weights, log)
+    stages, decoder, per = compare(ref, free, free, [s.name for s in held])
+    thresholds = Thresholds()
+    log(f"quality measured in {time.perf_counter() - start:.1f} s")
+    return QualityReport(
+        target=target, methods=dict(methods),
+        calibration=cal_set.to_record(sum(s.split == "calibration" for s in samples)),
+        new_tokens=DEFAULT_NEW_TOKENS, stages=stages, decoder=decoder, thresholds=thresholds,
+        failures=thresholds.failures(stages, decoder), samples=per, reference=REFERENCE)

@@ -172,17 +172,13 @@ def test_fp16_weights_are_the_fp32_graph_with_rounded_weights(case: Case, tmp_pa
 @pytest.mark.parametrize("target", ["ort-fp32", "ort-int4"])
 def test_streamed_ort_target_gets_the_fused_decoder_of_the_in_memory_path(
         target: str, demo_artifact: Path, demo_quantized: Callable[[str], tuple[Path, Any]],
-        tmp_path: Path) -> None:
+        demo_streamed: Callable[[str], Path], tmp_path: Path) -> None:
     """`molmo-export --stream --target ort-*` writes the decoder made for ONNX Runtime straight
     from the checkpoint (no trace, no portable graph): the same files as the in-memory path,
     which builds it after exporting / quantizing and checks it against the portable graph."""
-    from molmo_export.export import export_artifact
     from molmo_export.export.fused_artifact import fuse_decoder, graph_files
 
-    dims = load_manifest(demo_artifact, "none").dims
-    streamed = load_manifest(export_artifact(
-        "demo", target, tmp_path / "streamed", max_seq_len=dims.max_seq_len, stream=True,
-        verify=False, progress=False, log=lambda s: None), "full")
+    streamed = load_manifest(demo_streamed(target), "full")
     assert streamed.decoder_flavour == "ort"
     assert "skipped" in streamed.raw["decoder_check"]
     source = demo_artifact if target == "ort-fp32" else demo_quantized(target)[0]

@@ -1,7 +1,8 @@
-"""A streamed quantized artifact records "quality": {"measured": false} (no fp32 reference run
-fits at 7B): molmo-run says so on every run, and molmo-verify says that there is nothing to hold
-it to, instead of loading a reference model it cannot use (32 GB at 7B) and then failing on the
-missing quality report."""
+"""A quantized artifact that records "quality": {"measured": false} (streamed before the
+layer-streamed reference existed, or from a checkpoint without a tokenizer): molmo-run says so
+on every run, and molmo-verify says that there is nothing to hold it to, instead of loading a
+reference model it cannot use (32 GB at 7B) and then failing on the missing quality report.
+Streamed exports now measure their quality: tests/scale/test_layer_reference.py."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def test_molmo_verify_says_there_is_nothing_to_verify_against(
     assert main_verify([str(artifact)]) == 2
     err = capsys.readouterr().err
     assert "nothing to verify against" in err and "never measured" in err
+    assert "export it again" in err  # the fix
     assert "loading the reference" not in err  # refused before loading it
 
 
@@ -58,3 +60,22 @@ def test_molmo_run_notes_unmeasured_quality(tmp_path: Path,
     main([str(artifact), "--prompt", "hello", "--max-new-tokens", "1"])  # (fake graphs)
     assert "molmo-run: note: the quality of this ort-int4 artifact was never measured" in \
         capsys.readouterr().err
+
+
+def test_a_streamed_export_without_a_tokenizer_records_unmeasured_quality(
+        tmp_path: Path, golden: Path) -> None:
+    """The golden model has no tokenizer: the calibration prompts cannot be run, so the streamed
+    quantized artifact says so instead of carrying a report."""
+    pytest.importorskip("torch")
+    from molmo_export.export import export_artifact
+    from molmo_runtime.manifest import load_manifest
+
+    lines: list[str] = []
+    manifest = load_manifest(export_artifact(
+        golden / "model", "ort-int8", tmp_path / "int8", max_seq_len=256, stream=True,
+        verify=False, progress=False, log=lines.append))
+    assert manifest.raw["quality"]["measured"] is False
+    assert manifest.unmeasured_quality is not None and "no tokenizer" in \
+        manifest.unmeasured_quality
+    assert any("was not measured" in line for line in lines)
+    assert "quality_report.json" not in manifest.files
