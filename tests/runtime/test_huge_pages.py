@@ -3,6 +3,7 @@ chosen, and that collapsing changes no byte and no output."""
 
 from __future__ import annotations
 
+import mmap
 import sys
 from pathlib import Path
 
@@ -68,12 +69,18 @@ def test_collapse_keeps_every_byte() -> None:
     2 MiB pages), so the test asserts what holds everywhere: the new memory is found, the kernel
     either collapsed it or the refusal is said, and the data is the same."""
     with hp.collapse_new_memory() as result:
-        data = np.arange(48 * MiB // 4, dtype=np.float32)  # mmapped by malloc: a new range
+        # a new anonymous mapping whatever malloc's state (after other tests it may reuse
+        # memory it already holds, which is not new and rightly not touched)
+        region = mmap.mmap(-1, 48 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        data = np.frombuffer(region, np.float32)
+        data[:] = np.arange(data.size, dtype=np.float32)
     result.wait()
     assert result.requested >= 40 * MiB
     assert result.collapsed > 0 or result.error
     assert 0 <= result.collapsed <= result.requested
     np.testing.assert_array_equal(data, np.arange(data.size, dtype=np.float32))
+    del data
+    region.close()
 
 
 def test_the_decoder_computes_the_same_logits_on_either_page_size(demo_artifact: Path) -> None:
