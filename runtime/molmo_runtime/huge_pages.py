@@ -60,9 +60,9 @@ def anonymous_ranges(maps: str | None = None) -> Ranges:
 def new_ranges(before: Ranges, after: Ranges) -> Ranges:
     """The parts of `after` not covered by `before` (the kernel merges an adjacent new mapping
     into an old one, so whole ranges cannot be compared)."""
-    out = []
+    out, before = [], sorted(before)
     for start, end in after:
-        for b0, b1 in sorted(before):
+        for b0, b1 in before:
             if b1 <= start or b0 >= end:
                 continue
             if b0 > start:
