@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from molmo_runtime.backends.base import Backend, DecodeState, check_cache_size
@@ -237,6 +237,7 @@ def test_stream_holds_back_possible_stop_strings(pipe: MolmoPipeline, stop: list
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text("abc", min_size=1, max_size=3) | st.just("?"), min_size=1, max_size=8),
        st.lists(st.text("abc\u00e9X", min_size=1, max_size=5), min_size=0, max_size=3))
+@example(chunks=["bac"], stop=["c", "acb"])  # "acb" only across tokens never generated
 def test_stream_equals_generate_for_any_chunks_and_stops(chunks: list[str],
                                                          stop: list[str]) -> None:
     """Random decodes (token -> chunk) and stop strings: the stream's pieces join to exactly the
@@ -253,12 +254,24 @@ def test_stream_equals_generate_for_any_chunks_and_stops(chunks: list[str],
             assert piece and stream_prefix_ok(shown, proc, stop)
         assert shown == stream.result.text == pipe.generate(None, "x", max_new_tokens=10,
                                                             stop=stop).text
+        assert shown == expected_answer(proc, stop)
 
 
 def stream_prefix_ok(shown: str, proc: ChunkProcessor, stop: list[str]) -> bool:
-    final = proc.decode(list(range(4, 14)))  # the fake predicts 4, 5, ... after the prompt 1 2 3
-    cuts = [final.find(s) for s in stop if s and s in final]
-    return final[:min(cuts) if cuts else len(final)].startswith(shown)
+    return expected_answer(proc, stop).startswith(shown)
+
+
+def expected_answer(proc: ChunkProcessor, stop: list[str]) -> str:
+    """The answer by the stopping rule, computed without the pipeline: after each new token the
+    text so far is searched; the first time any stop string occurs, it is cut before the
+    earliest occurrence. (Searching the text of all 10 tokens instead would find stop strings
+    that only tokens never generated complete, e.g. "acb" across "bac|bac".)"""
+    for n in range(1, 11):  # the fake predicts 4, 5, ... after the prompt 1 2 3
+        text = proc.decode(list(range(4, 4 + n)))
+        cuts = [text.find(s) for s in stop if s and s in text]
+        if cuts:
+            return text[:min(cuts)]
+    return text
 
 
 # -- bad values through the API -----------------------------------------------------------------
