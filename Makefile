@@ -93,7 +93,7 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/python tests/gpu/trt_stubs.py $(TRT_STUBS)
 	# --follow-imports=silent: modules these import (the torch exporter behind the builder's
 	# output lock, ORT) are read for their types but reported only where they are checked.
-	MYPYPATH=$(TRT_STUBS) $(VENV)/bin/python -m mypy --strict --follow-imports=silent molmo_export/trt runtime/molmo_runtime/backends/trt.py runtime/molmo_runtime/cuda_api.py runtime/molmo_runtime/trt_buffers.py runtime/molmo_runtime/trt_env.py runtime/molmo_runtime/prefill.py runtime/molmo_runtime/tolerances.py runtime/molmo_runtime/huge_pages.py
+	MYPYPATH=$(TRT_STUBS) $(VENV)/bin/python -m mypy --strict --follow-imports=silent molmo_export/trt runtime/molmo_runtime/backends/trt.py runtime/molmo_runtime/cuda_api.py runtime/molmo_runtime/trt_buffers.py runtime/molmo_runtime/trt_env.py runtime/molmo_runtime/prefill.py runtime/molmo_runtime/tolerances.py runtime/molmo_runtime/huge_pages.py runtime/molmo_runtime/mapped_files.py
 
 # A wheel of everything (runtime, calibration, exporter, bench); its extras as in pyproject.toml.
 wheel: $(VENV)/.installed

@@ -173,6 +173,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         huge_pages = huge.summary() if huge is not None else None  # summary() waits
         if huge_pages:
             log(huge_pages)
+        page_outs = {name: p.summary()
+                     for name, p in getattr(pipe.backend, "page_outs", {}).items()}
+        for summary in page_outs.values():
+            log(summary)
         log(f"{backend_name}: {settings.warmup} warm-up(s), {settings.runs} runs of "
             f"{settings.new_tokens} tokens, contexts {','.join(map(str, settings.contexts))}"
             + (", interleaved step by step with the PyTorch reference" if interleave else ""))
@@ -233,6 +237,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "threads": threads,
         "open_s": load_s,
         "huge_pages": huge_pages,
+        "page_out": page_outs,
         "inputs": inputs.describe(),
         "settings": {"interleaved": interleave, "new_tokens": settings.new_tokens,
                      "runs": settings.runs, "warmup": settings.warmup,

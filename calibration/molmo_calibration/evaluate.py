@@ -20,6 +20,7 @@ from molmo_calibration.calibration_set import CalibrationSample, CalibrationSet,
 from molmo_runtime.embedding import add_image_tokens
 from molmo_runtime.errors import InputError, require
 from molmo_runtime.manifest import Manifest, load_manifest
+from molmo_runtime.mapped_files import data_files, page_out_files
 from molmo_runtime.graph_io import (
     CONNECTOR,
     DECODER,
@@ -120,9 +121,12 @@ class GraphRunner:
         so = session_options(threads)
         self.dims = dims
         self.embed_tokens = embed_tokens  # [vocab rows + extra, D]
-        self.sessions = {name: ort.InferenceSession(  # type: ignore[attr-defined]
-            str(path), so, providers=["CPUExecutionProvider"]) for name, path in files.items()}
-        outputs = self.sessions[DECODER].get_outputs()
+        self.sessions = {}
+        for name, path in files.items():  # any subset of the three graphs
+            with page_out_files(data_files(path)):  # the weights ORT copied (molmo_runtime)
+                self.sessions[name] = ort.InferenceSession(  # type: ignore[attr-defined]
+                    str(path), so, providers=["CPUExecutionProvider"])
+        outputs = self.sessions[DECODER].get_outputs() if DECODER in files else []
         self._decoder_outputs = [o.name for o in outputs]
         # the "ort" decoder flavour (graph_io) returns the whole cache buffers as present.*
         self._whole_present = any(o.name == present_key_name(0) and o.shape[2] == "cache"
@@ -181,13 +185,22 @@ class Trace:
     step_logits: np.ndarray  # [N, vocab]; row 0 = prefill logits
 
 
+Encoded = tuple[np.ndarray | None, np.ndarray | None]  # (vision features, image tokens)
+
+
+def encode_images(runner: GraphRunner, sample: PreparedSample) -> Encoded:
+    if sample.images is None or sample.image_masks is None:
+        return None, None
+    features = runner.vision(sample.images)
+    return features, runner.connector(features, sample.image_masks)
+
+
 def run_sample(runner: GraphRunner, sample: PreparedSample, new_tokens: int,
-               forced_ids: np.ndarray | None = None) -> Trace:
-    """Greedy decode `new_tokens` tokens, or teacher-force `forced_ids` (same length)."""
-    features = tokens = None
-    if sample.images is not None and sample.image_masks is not None:
-        features = runner.vision(sample.images)
-        tokens = runner.connector(features, sample.image_masks)
+               forced_ids: np.ndarray | None = None, encoded: Encoded | None = None) -> Trace:
+    """Greedy decode `new_tokens` tokens, or teacher-force `forced_ids` (same length).
+    `encoded`: the sample's images already through the vision encoder and connector (by
+    encode_images, maybe with another runner), else the runner encodes them."""
+    features, tokens = encode_images(runner, sample) if encoded is None else encoded
     embeds = runner.embed(sample.input_ids, tokens, sample.image_input_idx)  # [1, L, D]
     cache = KVCache.empty(runner.dims, embeds.shape[1] + new_tokens)
     logits = runner.decode(embeds, cache)

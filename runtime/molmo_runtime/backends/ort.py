@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from molmo_runtime import mapped_files
 from molmo_runtime.backends.base import Backend, DecodeState, cache_shape, check_cache_size
 from molmo_runtime.errors import InputError, require
 from molmo_runtime.graph_io import CONNECTOR, DECODER, VISION_ENCODER
@@ -50,7 +51,8 @@ class OrtBackend(Backend):
     def __init__(self, manifest: Manifest, providers: list[str] | None = None,
                  threads: int | None = None,
                  graphs: tuple[str, ...] = (VISION_ENCODER, CONNECTOR, DECODER),
-                 profile_prefix: str | None = None, huge_pages: bool | None = None) -> None:
+                 profile_prefix: str | None = None, huge_pages: bool | None = None,
+                 page_out: bool | None = None) -> None:
         ort: Any = require("onnxruntime", "ort", "the ONNX Runtime backend")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
@@ -65,9 +67,14 @@ class OrtBackend(Backend):
         self.dims = manifest.dims
         specs = manifest.graphs
 
+        self.page_outs: dict[str, mapped_files.PageOut] = {}
+        page_out = mapped_files.enabled_by_env() if page_out is None else page_out
+
         def session(name: str) -> Any:
-            return ort.InferenceSession(str(manifest.graph_path(specs[name])), options,
-                                        providers=self.providers)
+            path = manifest.graph_path(specs[name])
+            with mapped_files.page_out_files(mapped_files.data_files(path),
+                                             page_out) as self.page_outs[name]:
+                return ort.InferenceSession(str(path), options, providers=self.providers)
 
         # all three, or a subset for tools that check one graph; the decoder last, so that the
         # memory mapped while building it is its own (huge_pages)
