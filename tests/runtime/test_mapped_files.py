@@ -62,6 +62,17 @@ def _resident(start: int, end: int) -> int:
     raise AssertionError("mapping not found")
 
 
+def _in_memory_fs(path: Path) -> bool:
+    """Whether `path` is on tmpfs/ramfs, whose pages are memory (paging them out needs swap)."""
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount, kind = line.split()[:3]
+            if str(path).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, fstype = mount, kind
+    return fstype in ("tmpfs", "ramfs")
+
+
 @linux_only
 def test_pages_go_and_every_byte_stays_even_a_written_one(tmp_path: Path) -> None:
     """Private file mapping, as ONNX Runtime maps external data: clean pages are given back
@@ -83,7 +94,8 @@ def test_pages_go_and_every_byte_stays_even_a_written_one(tmp_path: Path) -> Non
     after = _resident(start, start + data.nbytes)
     if result.error is None:
         assert result.passes >= 1
-        assert after < before // 2, (before, after)
+        if not _in_memory_fs(path.resolve()):
+            assert after < before // 2, (before, after)
     else:
         assert "MADV_PAGEOUT" in result.error
     assert data[12345] == -1.0
