@@ -7,7 +7,8 @@ stay mapped for good though never read again (MatMulNBits at accuracy level 4 ke
 mapped besides the packed copy). So while a session is built, and once after, this process's
 mappings of the graph's data files are paged out with madvise(MADV_PAGEOUT) (Linux >= 5.4),
 every PERIOD seconds. Measured on the 7B-D int4 decoder alone (docs/runtime.md): resident after
-building 5.83 -> 5.01 GiB, peak 6.18 -> 5.39 GiB; 0.04 GiB of the file resident after decoding.
+building 5.84 -> 5.01 GiB, peak 6.15 -> 5.36 GiB; 0.04 GiB of the file resident after decoding;
+the decode step unchanged (0.99-1.01x, interleaved).
 
 Nothing computed can change: the kernel reclaims a clean page of a file mapping by dropping it
 and reads it back from the file if it is touched again (a weight a kernel reads in place comes
