@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from molmo_calibration.decoder_parts import generate_in_parts, parts_for, split_decoder
 from molmo_calibration.evaluate import (
+    Encoded,
     GraphRunner,
     PreparedSample,
     Trace,
@@ -184,11 +187,12 @@ def quantized_graph_files(manifest: Manifest) -> dict[str, Path]:
 
 
 def streamed_traces(manifest: Manifest, samples: Sequence[PreparedSample], new_tokens: int,
-                    weights: CheckpointWeights, log: Log = print
+                    weights: CheckpointWeights, log: Log = print, scratch: Path | None = None
                     ) -> tuple[list[Trace], list[Trace]]:
     """(reference, quantized) traces: the artifact's own greedy generation on every sample first,
     its ONNX Runtime sessions closed before the reference reads a weight (the two peaks do not
-    add up), then the layer-streamed reference teacher-forced on the generated tokens."""
+    add up), then the layer-streamed reference teacher-forced on the generated tokens.
+    scratch: where a large decoder's part graphs go while they run (None: the system's temp)."""
     _return_free_heap()
     files = quantized_graph_files(manifest)
     embed = np.load(manifest.path("embed_tokens.npy"), mmap_mode="r")
@@ -206,16 +210,38 @@ def streamed_traces(manifest: Manifest, samples: Sequence[PreparedSample], new_t
     _return_free_heap()
     log(f"[quantized] images of {len(samples)} samples encoded "
         f"({time.perf_counter() - start:.1f} s)")
+    free = _generate(files[DECODER], runner, manifest, samples, encoded, new_tokens, scratch,
+                     log)
+    del encoded
+    _return_free_heap()
+    ref = LayerStreamedReference(weights, log).traces(samples, [t.token_ids for t in free])
+    return ref, free
+
+
+def _generate(decoder_file: Path, runner: Callable[[list[str]], GraphRunner], manifest: Manifest,
+              samples: Sequence[PreparedSample], encoded: Sequence[Encoded], new_tokens: int,
+              scratch: Path | None, log: Log) -> list[Trace]:
+    """The quantized decoder's greedy tokens: the whole graph where it is small, else in parts
+    (molmo_calibration.decoder_parts: one part's weights in memory at a time)."""
+    layers = manifest.dims.num_layers
+    parts = parts_for(decoder_file, layers)
+    if parts > 1:
+        with tempfile.TemporaryDirectory(prefix=".decoder-parts-", dir=scratch) as tmp:
+            split = split_decoder(decoder_file, layers, parts, tmp)
+            if split is not None:
+                start = time.perf_counter()
+                out = generate_in_parts(split, runner([]), manifest.dims, samples, encoded,
+                                        new_tokens, torch.get_num_threads(), log)
+                log(f"[quantized] {len(samples)} samples, {new_tokens} tokens each, decoder in "
+                    f"{parts} parts ({time.perf_counter() - start:.1f} s)")
+                return out
     decoder, free = runner([DECODER]), []
     for i, (s, enc) in enumerate(zip(samples, encoded), 1):
         start = time.perf_counter()
         free.append(run_sample(decoder, s, new_tokens, encoded=enc))
         log(f"[quantized {i}/{len(samples)}] held-out sample {s.name}: {new_tokens} tokens "
             f"({time.perf_counter() - start:.1f} s)")
-    del decoder, encoded
-    _return_free_heap()
-    ref = LayerStreamedReference(weights, log).traces(samples, [t.token_ids for t in free])
-    return ref, free
+    return free
 
 
 def _return_free_heap() -> None:

@@ -384,7 +384,8 @@ def measure_streamed_quality(manifest: Manifest, weights: CheckpointWeights, tar
     log(f"measuring quality: {len(held)} held-out samples of {cal_set.name!r}, "
         f"{DEFAULT_NEW_TOKENS} tokens each, against the layer-streamed fp32 reference")
     start = time.perf_counter()
-    ref, free = streamed_traces(manifest, held, DEFAULT_NEW_TOKENS, weights, log)
+    ref, free = streamed_traces(manifest, held, DEFAULT_NEW_TOKENS, weights, log,
+                                scratch=manifest.directory)  # the staging folder: ours
     stages, decoder, per = compare(ref, free, free, [s.name for s in held])
     thresholds = Thresholds()
     log(f"quality measured in {time.perf_counter() - start:.1f} s")
