@@ -35,13 +35,18 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def folder_bytes(path: Path) -> int:
-    total = 0
+    """Disk blocks under `path`, each file once (a hard link to a file already counted, such as
+    the decoder-parts scratch link to the decoder's data file, takes no more disk)."""
+    total, seen = 0, set()
     for root, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+                st = os.lstat(os.path.join(root, f))
             except OSError:
-                pass
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
     return total
 
 
