@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import functools
 import os
 import sys
 import threading
@@ -28,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from molmo_runtime.onnx_refs import external_data_locations
 
@@ -56,6 +59,13 @@ def file_ranges(paths: Iterable[str | os.PathLike[str]], maps: str | None = None
     return out
 
 
+@functools.cache
+def _madvise() -> Any:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
 def data_files(graph: str | os.PathLike[str]) -> list[Path]:
     """The external data files an ONNX graph file names (beside it)."""
     return [Path(graph).parent / loc for loc in sorted(external_data_locations(graph))]
@@ -79,13 +89,12 @@ class PageOut:
     def page_out(self) -> None:
         """One pass over the files' current mappings. A range unmapped (or even reused)
         between reading the maps and the call is harmless: paging out never loses data."""
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise = _madvise()
         for start, end in file_ranges(self.files):
-            if libc.madvise(start, end - start, MADV_PAGEOUT) != 0:
-                errno = ctypes.get_errno()
-                if errno == 22:  # EINVAL: no MADV_PAGEOUT (kernel < 5.4); ENOMEM: unmapped
-                    self.error = f"madvise(MADV_PAGEOUT): {os.strerror(errno)}"
+            if madvise(start, end - start, MADV_PAGEOUT) != 0:
+                code = ctypes.get_errno()
+                if code == errno.EINVAL:  # no MADV_PAGEOUT (kernel < 5.4); ENOMEM: unmapped
+                    self.error = f"madvise(MADV_PAGEOUT): {os.strerror(code)}"
                     return
         self.passes += 1
 
