@@ -33,6 +33,7 @@ from molmo_calibration.evaluate import (
     Trace,
     session_options,
 )
+from molmo_runtime.containment import inside
 from molmo_runtime.errors import require
 from molmo_runtime.graph_io import (
     GraphDims,
@@ -83,12 +84,15 @@ def split_decoder(decoder: str | os.PathLike[str], num_layers: int, parts: int,
     cuts = [round(k * num_layers / parts) for k in range(parts + 1)]
     if any(name not in produced for c in cuts[1:-1] for name in boundary(c)):
         return None
-    try:  # the locations are relative to the graph's folder (checked by the manifest)
-        for location in sorted(external_data_locations(decoder)):
+    for location in sorted(external_data_locations(decoder)):
+        # a location that leaves the graph's folder, in name or by a symlink, is refused
+        # (ArtifactError) before anything is linked
+        source = inside(decoder.parent, location, f"external data of {decoder.name}")
+        try:
             (out_dir / location).parent.mkdir(parents=True, exist_ok=True)
-            os.link(decoder.parent / location, out_dir / location)
-    except OSError:
-        return None
+            os.link(source, out_dir / location)
+        except OSError:
+            return None
     by_output = {o: n for n in graph.node for o in n.output if o}
     initializers = {t.name: t for t in graph.initializer}
     graph_inputs = {i.name: i for i in graph.input}

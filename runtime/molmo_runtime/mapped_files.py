@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molmo_runtime.containment import inside
 from molmo_runtime.onnx_refs import external_data_locations
 
 MADV_PAGEOUT = 21  # include/uapi/asm-generic/mman-common.h, Linux 5.4
@@ -67,8 +68,11 @@ def _madvise() -> Any:
 
 
 def data_files(graph: str | os.PathLike[str]) -> list[Path]:
-    """The external data files an ONNX graph file names (beside it)."""
-    return [Path(graph).parent / loc for loc in sorted(external_data_locations(graph))]
+    """The external data files an ONNX graph file names, resolved; ArtifactError for one that
+    leads out of the graph's folder."""
+    folder = Path(graph).parent
+    return [inside(folder, loc, f"external data of {Path(graph).name}")
+            for loc in sorted(external_data_locations(graph))]
 
 
 @dataclass

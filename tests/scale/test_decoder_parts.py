@@ -90,3 +90,34 @@ def test_streamed_export_measured_in_parts_writes_the_same_report(
     listed = set(json.loads((out / "manifest.json").read_text())["files"])
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert on_disk == listed | {"manifest.json"}
+
+
+@pytest.mark.parametrize("how", ["name", "symlink"])
+def test_data_outside_the_graphs_folder_is_refused_before_anything_is_linked(
+        how: str, demo_streamed: Callable[[str], Path], tmp_path: Path) -> None:
+    """A decoder whose external data leads out of its folder (by a '..' location or a symlink)
+    is refused (ArtifactError) and nothing is linked: the split never reaches outside."""
+    import onnx
+
+    from molmo_runtime.errors import ArtifactError
+
+    manifest = load_manifest(demo_streamed("ort-int4"), "none")
+    art = tmp_path / "art"
+    art.mkdir()
+    outside = tmp_path / "outside.data"
+    outside.write_bytes((manifest.path("onnx/decoder.onnx.data")).read_bytes())
+    model = onnx.load(str(manifest.path("onnx/decoder.onnx")), load_external_data=False)
+    if how == "name":
+        for t in model.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = "../outside.data"
+    else:
+        (art / "decoder.onnx.data").symlink_to(outside)
+    onnx.save(model, str(art / "decoder.onnx"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(ArtifactError, match="outside|normalised relative path"):
+        decoder_parts.split_decoder(art / "decoder.onnx", manifest.dims.num_layers, 2, scratch)
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "art", "outside.data", "scratch"]
