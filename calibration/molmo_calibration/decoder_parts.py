@@ -152,8 +152,9 @@ def generate_in_parts(parts: Sequence[DecoderPart], embedder: GraphRunner, dims:
                 session = ort.InferenceSession(str(part.path), options,
                                                providers=["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
+            wanted = {i.name for i in session.get_inputs()}
             for j in range(n):
-                feed = _feed(session, embeds[j], caches[j], part, carry[j])
+                feed = _feed(wanted, embeds[j], caches[j], part, carry[j])
                 outs = dict(zip(names, session.run(None, feed)))
                 _store_presents(outs, caches[j], part)
                 carry[j] = {name: outs[name] for name in part.outputs}
@@ -171,9 +172,10 @@ def generate_in_parts(parts: Sequence[DecoderPart], embedder: GraphRunner, dims:
             for enc, i, r in zip(encoded, ids, rows)]
 
 
-def _feed(session: Any, embeds: np.ndarray, cache: KVCache, part: DecoderPart,
+def _feed(wanted: set[str], embeds: np.ndarray, cache: KVCache, part: DecoderPart,
           carry: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The part's inputs for `seq` new positions after cache.length valid ones (graph_io)."""
+    """The part's inputs (`wanted`: its session's input names) for `seq` new positions after
+    cache.length valid ones (graph_io)."""
     seq = embeds.shape[1]
     total = cache.length + seq
     feed: dict[str, np.ndarray] = {
@@ -183,7 +185,6 @@ def _feed(session: Any, embeds: np.ndarray, cache: KVCache, part: DecoderPart,
     for i in part.layers:
         feed[past_key_name(i)] = cache.keys[i]
         feed[past_value_name(i)] = cache.values[i]
-    wanted = {i.name for i in session.get_inputs()}
     return {k: v for k, v in feed.items() if k in wanted}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import threading
@@ -27,12 +28,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 MADV_COLLAPSE = 25  # include/uapi/asm-generic/mman-common.h, Linux 6.1
 HUGE_PAGE = 2 * 2**20
 ENV = "MOLMO_HUGE_PAGES"
 
 Ranges = list[tuple[int, int]]
+
+
+@functools.cache
+def libc_madvise() -> Any:
+    """libc's madvise(addr, length, advice), errno kept for ctypes.get_errno()."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
 
 
 def enabled_by_env() -> bool:
@@ -115,13 +125,12 @@ class HugePages:
         does not have; page by page, each collapse frees the 4 KiB pages it copied. Pages
         refused the first time are tried once more, after the others freed theirs."""
         start = time.perf_counter()
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise = libc_madvise()
         pages = [a for s, e in ranges for a in range(s, e, HUGE_PAGE)]
         for _ in range(2):
             refused, self.error = [], None
             for address in pages:
-                if libc.madvise(address, HUGE_PAGE, MADV_COLLAPSE) == 0:
+                if madvise(address, HUGE_PAGE, MADV_COLLAPSE) == 0:
                     self.collapsed += HUGE_PAGE
                 else:
                     # EINVAL: no MADV_COLLAPSE (kernel < 6.1), THP "never", or a range marked

@@ -20,9 +20,7 @@ older kernels) nothing is done and `PageOut.error` says why. MOLMO_PAGE_OUT=0 tu
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import functools
 import os
 import sys
 import threading
@@ -30,9 +28,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from molmo_runtime.containment import inside
+from molmo_runtime.huge_pages import libc_madvise
 from molmo_runtime.onnx_refs import external_data_locations
 
 MADV_PAGEOUT = 21  # include/uapi/asm-generic/mman-common.h, Linux 5.4
@@ -58,13 +56,6 @@ def file_ranges(paths: Iterable[str | os.PathLike[str]], maps: str | None = None
             start, end = (int(x, 16) for x in fields[0].split("-"))
             out.append((start, end))
     return out
-
-
-@functools.cache
-def _madvise() -> Any:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
 
 
 def data_files(graph: str | os.PathLike[str]) -> list[Path]:
@@ -93,7 +84,7 @@ class PageOut:
     def page_out(self) -> None:
         """One pass over the files' current mappings. A range unmapped (or even reused)
         between reading the maps and the call is harmless: paging out never loses data."""
-        madvise = _madvise()
+        madvise = libc_madvise()
         for start, end in file_ranges(self.files):
             if madvise(start, end - start, MADV_PAGEOUT) != 0:
                 code = ctypes.get_errno()
