@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from molmo_bench.idle import settle
 from molmo_runtime.backends.ort import OrtBackend
 from molmo_runtime.errors import MolmoError
 from molmo_runtime.graph_io import DECODER
@@ -105,6 +106,7 @@ def _fill(b: OrtBackend, rng: np.random.Generator, d: int, ctx: int) -> None:
 
 def _step(b: OrtBackend, rng: np.random.Generator, d: int, total: int) -> float:
     e = rng.standard_normal((1, 1, d), np.float32)
+    settle()  # the other backend's (or a probe's) threads stop spinning first
     t = time.perf_counter()
     b.decode(e, np.ones((1, total + 1), np.int64), np.array([[total]], np.int64))
     return (time.perf_counter() - t) * 1e3
@@ -122,6 +124,7 @@ def measure(pair: dict[str, OrtBackend], d: int, contexts: list[int], steps: int
             if r == 0 or ctx == prefill:
                 for k, b in pair.items():
                     b.start(1)
+                    settle()
                     t = time.perf_counter()
                     _fill(b, np.random.default_rng(r), d, ctx)
                     if ctx == prefill:

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from molmo_bench.idle import settle
+
 
 def convert(model: str, out: str) -> None:
     """Write the decoder of `model` as a HF Qwen2 folder (tensor by tensor, no model loaded).
@@ -217,15 +219,18 @@ def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], 
             if r == 0 or ctx == contexts[0]:
                 mine.start(1)
                 peer.start()
+                settle()
                 t0 = time.perf_counter()
                 mine.decode(np.asarray(emb[ids[:, :ctx]]), np.ones((1, ctx), np.int64),
                             np.arange(ctx, dtype=np.int64)[None])
                 t1 = time.perf_counter()
-                peer.decode(ids[:, :ctx])
+                settle()
                 t2 = time.perf_counter()
+                peer.decode(ids[:, :ctx])
+                t3 = time.perf_counter()
                 if ctx == contexts[0]:
                     res["ours"][f"prefill_ms@{ctx}"] = (t1 - t0) * 1e3
-                    res["genai"][f"prefill_ms@{ctx}"] = (t2 - t1) * 1e3
+                    res["genai"][f"prefill_ms@{ctx}"] = (t3 - t2) * 1e3
             a, b = [], []
             first = mine.cache_length
             for s in range(first, first + steps + 1):
@@ -234,6 +239,7 @@ def time_both(artifact: str, genai_folder: str, ours: str, contexts: list[int], 
                 # who goes first alternates step by step: neither graph always finds the
                 # caches and clocks the other one left
                 for who in ("ours", "peer") if s % 2 else ("peer", "ours"):
+                    settle()  # the other stack's threads stop spinning first
                     t0 = time.perf_counter()
                     if who == "ours":
                         mine.decode(np.asarray(emb[tok]), np.ones((1, s + 1), np.int64),
@@ -308,6 +314,7 @@ def profile_both(artifact: str, genai_folder: str, ours: str, context: int, step
     for s in range(context, context + steps):
         tok = ids[:, s:s + 1]
         for who in ("ours", "genai") if s % 2 else ("genai", "ours"):
+            settle()
             t0 = time.perf_counter()
             if who == "ours":
                 mine.decode(np.asarray(emb[tok]), np.ones((1, s + 1), np.int64),

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from molmo_bench.idle import settle
+
 
 @dataclass(frozen=True)
 class Bandwidth:
@@ -75,6 +77,28 @@ def measure_read_bandwidth(threads: int, array_mb: int = 1024, reps: int = 5) ->
     by_method["blas_gemv"] = best(lambda: matrix @ vector,
                                   lambda out: bool(np.allclose(out, 4096.0)))
     return Bandwidth(max(by_method.values()), by_method, array_mb, reps)
+
+
+class StepProbe:
+    """The read-bandwidth probe run beside decode steps, in this process: one numpy (BLAS)
+    matrix-vector pass over `array_mb` MiB of float32 per call (the method that reads fastest
+    here). Its array lives in the caller, so make it after the peak RSS has been taken."""
+
+    def __init__(self, array_mb: int) -> None:
+        self.matrix = np.ones((array_mb * 2**20 // 4 // 4096, 4096), np.float32)
+        self.vector = np.ones(4096, np.float32)
+        self.gb_per_s: list[float] = []
+
+    def __call__(self) -> None:
+        settle()  # the decoder's thread pool stops spinning first
+        start = time.perf_counter()
+        self.matrix @ self.vector
+        self.gb_per_s.append(self.matrix.nbytes / (time.perf_counter() - start) / 1e9)
+
+    def best(self) -> Bandwidth:
+        best = round(max(self.gb_per_s), 2)
+        return Bandwidth(best, {"blas_gemv_beside_steps": best},
+                         self.matrix.nbytes // 2**20, len(self.gb_per_s))
 
 
 def _probe_limits(threads: int, array_mb: int) -> tuple[Bandwidth, float]:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from molmo_bench.idle import settle
 from molmo_runtime.cli_common import (
     add_debug_flag,
     non_negative_int,
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context lengths for decode step latency (default 64,256,1024)")
     p.add_argument("--context-steps", type=positive_int, default=16,
                    help="timed decode steps per context length (default 16)")
+    p.add_argument("--step-pairs", type=non_negative_int, default=32,
+                   help="decode steps (at the first --contexts length) each followed by a "
+                        "bandwidth probe in this process, for the step-by-step bandwidth "
+                        "fraction; CPU backends only, 0 skips it (default 32)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for ORT and torch (default: physical cores)")
     p.add_argument("--compare-torch", action="store_true",
@@ -102,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Idle time between the two stacks' steps when interleaved: lets the other stack's thread pool
-# stop spinning before this one starts.
-SWITCH_PAUSE_S = 0.2
+# The torch reference runs in a child process, whose thread pools settle() cannot see: after its
+# step, a fixed pause (the one both stacks had before settle()) lets them stop spinning.
+CHILD_PAUSE_S = 0.2
 
 
 def _start_torch(args: argparse.Namespace, inputs: Any, settings: Any, threads: int,
@@ -116,15 +121,21 @@ def _start_torch(args: argparse.Namespace, inputs: Any, settings: Any, threads: 
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    import numpy as np
     from molmo_runtime.graph_io import DECODER
     from molmo_runtime.manifest import load_manifest
     from molmo_runtime.pipeline import MolmoPipeline
 
-    from molmo_bench.bandwidth import Bandwidth, decoder_weight_bytes, measure_in_subprocess
+    from molmo_bench.bandwidth import (
+        Bandwidth,
+        StepProbe,
+        decoder_weight_bytes,
+        measure_in_subprocess,
+    )
     from molmo_bench.flops import stage_flops
     from molmo_bench.inputs import image_inputs, synthetic_inputs
     from molmo_bench.machine import load_average, machine_info, physical_cores
-    from molmo_bench.measure import BenchSettings, StackBench, plan
+    from molmo_bench.measure import BenchSettings, StackBench, decode_steps_at_context, plan
     from molmo_bench.report import busy_warnings, speedups, with_limits
 
     def log(text: str) -> None:
@@ -188,11 +199,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 paired.append(measure_in_subprocess(threads, args.bandwidth_mb)[0])
                 log(f"[{backend_name}] bandwidth probe after run {index + 1}: "
                     f"{paired[-1].read_gb_per_s:.1f} GB/s")
-            if worker is not None:
-                time.sleep(SWITCH_PAUSE_S)
+            if worker is not None:  # each stack starts with the other's threads idle
+                settle()
                 worker.step(kind, index)
-                time.sleep(SWITCH_PAUSE_S)
-        runtime = runtime_bench.result()
+                time.sleep(CHILD_PAUSE_S)
+        runtime = runtime_bench.result()  # peak RSS taken: the probe's array comes after
+        step_pairs, step_probes = None, None
+        on_cpu = getattr(pipe.backend, "providers", [""])[0] == "CPUExecutionProvider"
+        if args.step_pairs and on_cpu:
+            log(f"[{backend_name}] {args.step_pairs} decode steps at context "
+                f"{settings.contexts[0]}, each followed by a bandwidth probe")
+            probe = StepProbe(args.bandwidth_mb)
+            steps_ms = decode_steps_at_context(pipe, settings.contexts[0], args.step_pairs, 1,
+                                               np.random.default_rng(settings.seed), probe)
+            step_pairs = {"context": settings.contexts[0], "step_ms": steps_ms,
+                          "probe_gb_per_s": probe.gb_per_s}
+            step_probes = probe.best()
+            del probe
         task = None
         if args.eval:
             from molmo_calibration.shapes.evaluate import evaluate_pipeline
@@ -215,12 +238,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     log("memory bandwidth and GEMM probes, again (the best of both runs is the limit)")
     bandwidth_after, gflops_after = measure_in_subprocess(threads, args.bandwidth_mb)
     bandwidth, gemm_gflops = bandwidth.merge(bandwidth_after), max(gemm_gflops, gflops_after)
-    for probe in paired:
+    for probe in [*paired, *([step_probes] if step_probes else [])]:
         bandwidth = bandwidth.merge(probe)
     weight_bytes, weight_method = decoder_weight_bytes(manifest.directory, decoder_file)
     flops = stage_flops(manifest.model_config, runtime["crops"], runtime["prefill_tokens"])
     runtime = with_limits(runtime, weight_bytes, bandwidth.read_gb_per_s, flops, gemm_gflops,
-                          [p.read_gb_per_s for p in paired])
+                          [p.read_gb_per_s for p in paired], step_pairs)
     if torch_result is not None:
         torch_result = with_limits(torch_result, torch_result["weight_bytes"],
                                    bandwidth.read_gb_per_s, flops, gemm_gflops)

@@ -17,6 +17,7 @@ Warm-ups are run first and never recorded.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from molmo_runtime.errors import InputError
 from molmo_runtime.pipeline import MolmoPipeline, Timings
 from molmo_runtime.sampling import Sampler, SamplingParams
 
+from molmo_bench.idle import settle
 from molmo_bench.inputs import BenchInputs, text_id_bound
 from molmo_bench.machine import gpu_memory_used_mb, peak_rss_mb
 
@@ -105,8 +107,11 @@ def time_generation(pipe: MolmoPipeline, inputs: BenchInputs, new_tokens: int) -
 
 
 def decode_steps_at_context(pipe: MolmoPipeline, context: int, steps: int, warmup: int,
-                            rng: np.random.Generator) -> list[float]:
-    """Milliseconds of `steps` single-token backend.decode calls after a `context` prefill."""
+                            rng: np.random.Generator,
+                            after_step: Callable[[], None] | None = None) -> list[float]:
+    """Milliseconds of `steps` single-token backend.decode calls after a `context` prefill.
+    `after_step` (a bandwidth probe) runs after each timed step, and then each step starts with
+    the process idle (molmo_bench/idle.py)."""
     backend = pipe.backend
     high = text_id_bound(pipe.manifest.special_tokens)
     backend.start(1)
@@ -119,11 +124,15 @@ def decode_steps_at_context(pipe: MolmoPipeline, context: int, steps: int, warmu
         total = context + i + 1
         embeds = pipe.embeddings(rng.integers(0, high, (1, 1)))  # [1, 1, D]
         position = np.array([[total - 1]], np.int64)
+        if after_step is not None:
+            settle()
         start = time.perf_counter()
         backend.decode(embeds, mask[:, :total], position)
         elapsed = (time.perf_counter() - start) * 1000.0
         if i >= warmup:
             times.append(elapsed)
+            if after_step is not None:
+                after_step()
     return times
 
 

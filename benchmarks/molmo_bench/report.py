@@ -14,12 +14,15 @@ STAGE_LABELS = {"preprocess": "preprocess", "vision": "vision encoder",
 
 def with_limits(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: float,
                 flops: dict[str, float] | None = None, gemm_gflops: float | None = None,
-                paired_gb_per_s: list[float] | None = None) -> dict[str, Any]:
+                paired_gb_per_s: list[float] | None = None,
+                step_pairs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Add the machine-limit figures. Decode: weight bytes read per token x tokens/s / read
     bandwidth (the best probe of the whole benchmark), and, with `paired_gb_per_s` (a probe
     right after each run), run by run against its own probe: on a VM whose neighbours take a
     varying share of the memory bandwidth, the best probe may come from a quieter moment than
-    the runs. TTFT stages: achieved GFLOP/s / the measured GEMM rate."""
+    the runs. With `step_pairs` (decode steps, each followed by a probe: step_ms,
+    probe_gb_per_s), step by step, the finest pairing there is. TTFT stages: achieved GFLOP/s /
+    the measured GEMM rate."""
     tokens_per_s = stack["decode"]["tokens_per_s"]
     stack = dict(stack, weight_bytes=weight_bytes)
     stack["bandwidth_bound_tokens_per_s"] = read_gb_per_s * 1e9 / weight_bytes
@@ -30,6 +33,17 @@ def with_limits(stack: dict[str, Any], weight_bytes: int, read_gb_per_s: float,
         stack["bandwidth_fraction_paired"] = {
             "median": float(np.median(runs)), "min": min(runs), "max": max(runs),
             "runs": runs, "probes_gb_per_s": paired_gb_per_s}
+    if step_pairs:
+        step_gbs = weight_bytes / (np.asarray(step_pairs["step_ms"]) / 1e3) / 1e9
+        fractions = step_gbs / np.asarray(step_pairs["probe_gb_per_s"])
+        q1, median, q3 = (float(v) for v in np.percentile(fractions, [25, 50, 75]))
+        stack["bandwidth_fraction_steps"] = {
+            "median": median, "quartiles": [q1, q3], "pairs": len(fractions),
+            "context": step_pairs["context"],
+            "decode_gb_per_s_median": float(np.median(step_gbs)),
+            "probe_gb_per_s_median": float(np.median(step_pairs["probe_gb_per_s"])),
+            "step_ms": list(step_pairs["step_ms"]),
+            "probes_gb_per_s": list(step_pairs["probe_gb_per_s"])}
     if flops is not None and gemm_gflops is not None:
         stack["compute_fraction"] = compute_fractions(stack, flops, gemm_gflops)
     return stack
@@ -83,6 +97,9 @@ def _rows(stack: dict[str, Any]) -> list[str]:
     paired = stack.get("bandwidth_fraction_paired")
     rows.append(f"{paired['median']:.2f} ({paired['min']:.2f}–{paired['max']:.2f})"
                 if paired else "—")
+    steps = stack.get("bandwidth_fraction_steps")
+    rows.append(f"{steps['median']:.2f} ({steps['quartiles'][0]:.2f}–"
+                f"{steps['quartiles'][1]:.2f})" if steps else "—")
     cf = stack.get("compute_fraction", {})
     rows.append(" / ".join(_fmt(cf.get(s), 2) for s in ("vision", "connector", "prefill")))
     return rows
@@ -105,6 +122,8 @@ def markdown(report: dict[str, Any]) -> str:
               + [f"step growth, context {ctxs[-1]} / {ctxs[0]}", "peak RSS (MB)",
                  "bandwidth fraction of decode",
                  "· run by run, each against a probe right after it: median (min–max)",
+                 "· step by step, each decode step against a probe right after it: median "
+                 "(quartiles)",
                  "compute fraction: vision / connector / prefill"])
     name = f"{art['model']} {art['target']} ({report['backend']})"
     columns = [_rows(report)]
@@ -121,7 +140,7 @@ def markdown(report: dict[str, Any]) -> str:
                     for s in STAGE_LABELS]
                  + [_fmt(sp["decode"], 2) + "×", _fmt(sp["decode_p50"], 2) + "×", ""]
                  + [_fmt(v, 2) + "×" for v in sp["decode_step_by_context"].values()]
-                 + ["", "", "", "", ""])
+                 + ["", "", "", "", "", ""])
         columns.append(ratio)
     lines = [f"#### molmo-bench: {name}", "",
              (f"- machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "

@@ -12,6 +12,8 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 from molmo_bench.bandwidth import Bandwidth, measure_read_bandwidth, onnx_weight_bytes
 from molmo_bench.cli import main
+from molmo_bench.idle import settle
 from molmo_bench.inputs import synthetic_inputs, text_id_bound
 from molmo_bench.measure import percentiles
 from molmo_bench.report import speedups, with_limits
@@ -94,6 +97,14 @@ def test_bench_cli_on_demo_is_torch_free(demo_artifact: Path, tmp_path: Path) ->
     paired = report["bandwidth_fraction_paired"]  # one probe after each of the 2 runs
     assert len(paired["runs"]) == len(paired["probes_gb_per_s"]) == 2
     assert max(paired["probes_gb_per_s"]) <= bw["read_gb_per_s"]  # the best counts them too
+    steps = report["bandwidth_fraction_steps"]  # 32 decode steps (the default), each + a probe
+    assert steps["context"] == 16 and steps["pairs"] == 32
+    assert len(steps["step_ms"]) == len(steps["probes_gb_per_s"]) == 32
+    assert max(steps["probes_gb_per_s"]) <= bw["read_gb_per_s"]
+    step_gbs = report["weight_bytes"] / (np.asarray(steps["step_ms"]) / 1e3) / 1e9
+    fractions = step_gbs / np.asarray(steps["probes_gb_per_s"])
+    assert steps["median"] == pytest.approx(float(np.median(fractions)))
+    assert steps["quartiles"][0] <= steps["median"] <= steps["quartiles"][1]
     # per crop: its pooled tokens, one column marker per row of them, start and end markers
     per_crop = load_manifest(demo_artifact).dims.tokens_per_crop
     per_crop += math.isqrt(per_crop) + 2
@@ -108,6 +119,7 @@ def test_bench_cli_on_demo_is_torch_free(demo_artifact: Path, tmp_path: Path) ->
     table = out_md.read_text()
     assert table in proc.stdout  # the table is printed and written alike
     assert "| **TTFT total** (ms) |" in table and "decode step at context 64" in table
+    assert f"{steps['median']:.2f} ({steps['quartiles'][0]:.2f}–" in table
 
 
 @pytest.mark.parametrize("mode", ["interleaved", "sequential"])
@@ -117,9 +129,10 @@ def test_compare_torch_adds_reference_and_speedups(demo_artifact: Path, tmp_path
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     extra = ["--sequential"] if mode == "sequential" else []
     rc = main([str(demo_artifact), *TINY, *extra, "--compare-torch", "--json", str(out_json),
-               "--plot", str(out_png)])
+               "--plot", str(out_png), "--step-pairs", "0"])
     assert rc == 0
     report = json.loads(out_json.read_text())
+    assert "bandwidth_fraction_steps" not in report  # --step-pairs 0 skips them
     assert report["settings"]["interleaved"] == (mode == "interleaved")
     check_stack(report, ("16", "64"))
     check_stack(report["torch"], ("16", "64"))
@@ -254,6 +267,29 @@ def test_bandwidth_probe_measures_something() -> None:
     assert merged.by_method["blas_gemv"] == bw.by_method["blas_gemv"]
     with pytest.raises(ValueError, match="at least 64 MiB"):
         measure_read_bandwidth(threads=1, array_mb=8)
+
+
+def _spin(seconds: float) -> threading.Thread:
+    """A thread that burns CPU for `seconds`, as a thread pool spins after its call."""
+    def spin() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    return t
+
+
+def test_settle_waits_for_spinning_threads_and_refuses_busy_ones() -> None:
+    settle()  # whatever ran before this test
+    spinner = _spin(0.3)
+    waited = settle()
+    assert not spinner.is_alive(), "settle returned while a thread of the process still spun"
+    assert waited >= 0.2
+    spinner = _spin(5.0)
+    with pytest.raises(RuntimeError, match="still busy"):
+        settle(max_s=0.3)
+    spinner.join()
 
 
 def test_weight_bytes_count_every_initializer(demo_artifact: Path) -> None:
