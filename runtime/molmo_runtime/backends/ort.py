@@ -82,10 +82,11 @@ class OrtBackend(Backend):
 
         self.page_outs: dict[str, mapped_files.PageOut] = {}
         page_out = mapped_files.enabled_by_env() if page_out is None else page_out
+        threads = threads or physical_cores()
 
         def session(name: str) -> Any:
             path = manifest.graph_path(specs[name])
-            options = session_options(ort, threads or physical_cores(), profile_prefix,
+            options = session_options(ort, threads, profile_prefix,
                                       keep_spinning=name == DECODER)
             with mapped_files.page_out_files(mapped_files.data_files(path),
                                              page_out) as self.page_outs[name]:
